@@ -1,0 +1,194 @@
+"""From a batch to a loss: moving batches to the device and finding the loss of any model.
+
+A batch may be an ``(inputs, targets)`` tuple/list, a dict (Hugging Face style) or anything with
+``.to()``. Without a criterion the model computes the loss: a Hugging Face output's ``.loss``, a
+dict's ``"loss"``, or a scalar tensor. A causal LM whose batch has no ``labels`` gets labels made
+from ``input_ids`` with padding masked to -100.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+Criterion = Callable[[Any, Any], torch.Tensor]
+IGNORE_INDEX = -100  # the label value Hugging Face and nn.CrossEntropyLoss skip
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``; other values pass through."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    if hasattr(batch, "to"):
+        return batch.to(device)
+    return batch
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for Hugging Face causal language models (``*ForCausalLM`` / ``*LMHeadModel``)."""
+    model = unwrap(model)
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        return False
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP/FSDP/DeepSpeed wrapper (``.module``), or the model itself."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def add_causal_lm_labels(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Labels for a causal LM batch without them: ``input_ids`` with padding set to -100."""
+    if "input_ids" not in batch:
+        raise ValueError(
+            f"a causal LM batch without 'labels' needs 'input_ids' to build them; got keys {sorted(batch)}"
+        )
+    labels = batch["input_ids"].clone()
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        labels[mask == 0] = IGNORE_INDEX
+    return {**batch, "labels": labels}
+
+
+def prepare_batch(batch: Any, device: torch.device, *, causal_lm: bool, has_criterion: bool) -> Any:
+    """Move a batch to ``device`` and, for a causal LM without a criterion, add its labels."""
+    batch = to_device(batch, device)
+    if causal_lm and not has_criterion and isinstance(batch, Mapping) and "labels" not in batch:
+        batch = add_causal_lm_labels(batch)
+    return batch
+
+
+def count_items(batch: Any, *, causal_lm: bool) -> int:
+    """How many things this batch's loss is a mean over: label tokens for LMs, else samples.
+
+    Used to weight losses when batches differ in size (accumulation, ranks, the last batch),
+    so the recorded loss is the mean over every item, not the mean of per-batch means.
+    """
+    if isinstance(batch, Mapping) and isinstance(batch.get("labels"), torch.Tensor):
+        labels = batch["labels"]
+        if labels.dim() >= 2 and not labels.is_floating_point():
+            # A causal LM predicts token t+1 from t, so the first label of each row is never scored.
+            scored = labels[..., 1:] if causal_lm else labels
+            return int((scored != IGNORE_INDEX).sum())
+        return int(labels.shape[0]) if labels.dim() else 1
+    return count_samples(batch)
+
+
+def count_samples(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its first tensor (1 if it has none)."""
+    first = _first_tensor(batch)
+    if first is None or first.dim() == 0:
+        return 1
+    return int(first.shape[0])
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def compute_loss(model: nn.Module, batch: Any, criterion: Criterion | None) -> torch.Tensor:
+    """Run the forward pass and return the scalar loss of one (micro-)batch.
+
+    Raises:
+        TypeError: the batch or the model output has no loss distlr can find; the message says
+            what to pass instead.
+    """
+    if criterion is not None:
+        inputs, targets = split_inputs_targets(batch)
+        output = _call(model, inputs)
+        loss = criterion(output, targets)
+    else:
+        output = _call(model, batch)
+        loss = loss_from_output(output)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(
+            f"the loss must be a scalar tensor, got {shape}; reduce it to a mean "
+            "(e.g. reduction='mean' in the criterion)"
+        )
+    return loss.reshape(())
+
+
+def split_inputs_targets(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch, for use with a criterion."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise TypeError(
+                f"with a criterion, a dict batch needs a 'labels' key for the targets; got keys {sorted(batch)}"
+            )
+        rest = {k: v for k, v in batch.items() if k != "labels"}
+        return rest, batch["labels"]
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        inputs = batch[0] if len(batch) == 2 else tuple(batch[:-1])
+        return inputs, batch[-1]
+    raise TypeError(
+        f"with a criterion, a batch must be an (inputs, targets) tuple/list or a dict with 'labels'; "
+        f"got {type(batch).__name__}"
+    )
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        _check_arity(model, len(inputs))
+        return model(*inputs)
+    return model(inputs)
+
+
+def _check_arity(model: nn.Module, given: int) -> None:
+    # Without this, an (inputs, targets) batch and no criterion ends in a bare "forward() takes
+    # 2 positional arguments but 3 were given" from deep inside the model.
+    try:
+        params = inspect.signature(unwrap(model).forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    kinds = [p.kind for p in params]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return
+    takes = sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
+    if given > takes:
+        raise TypeError(
+            f"the batch has {given} elements but {type(unwrap(model)).__name__}.forward takes {takes} "
+            "positional argument(s); for (inputs, targets) batches pass criterion=... "
+            "(e.g. torch.nn.CrossEntropyLoss()), or make forward(inputs, targets) return the loss"
+        )
+
+
+def loss_from_output(output: Any) -> torch.Tensor:
+    """The loss a model returned: ``.loss`` (Hugging Face), ``output["loss"]``, or a scalar."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if loss is None and isinstance(output, torch.Tensor) and output.numel() == 1:
+        loss = output
+    if loss is None:
+        what = type(output).__name__
+        if isinstance(output, torch.Tensor):
+            what += f" of shape {tuple(output.shape)}"
+        raise TypeError(
+            f"cannot find a loss in the model output ({what}): pass criterion=... (e.g. "
+            "torch.nn.CrossEntropyLoss()) with (inputs, targets) batches, include 'labels' in a "
+            "Hugging Face batch, or make the model return a scalar loss"
+        )
+    return loss

@@ -1,0 +1,52 @@
+"""Command-line parsing: ``RunConfig`` fields become flags; defaults < --config YAML < flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+
+from distlr.config import RunConfig, field_docs, load_yaml
+
+DESCRIPTION = """\
+LR range test that runs where training runs. With no arguments: the built-in demo (a tiny GPT on
+Python's own documentation, CPU, well under a minute). Writes result.json, lr_finder.png and the
+resolved config.yaml to --output-dir (default: a new folder under ./distlr-runs)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distlr", description=DESCRIPTION, allow_abbrev=False)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of the keys below (flags override it)")
+    docs = field_docs(RunConfig)
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        if hints[f.name] is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(*flags, dest=f.name, metavar="VALUE", default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def parse_cli(argv: list[str] | None = None) -> RunConfig:
+    """The run's config from the command line (and the YAML file it names).
+
+    Raises:
+        ValueError: an unknown flag or key (with the closest valid name), or a bad value.
+    """
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0]
+        names = [opt for action in parser._actions for opt in action.option_strings]
+        close = difflib.get_close_matches(flag.split("=")[0], names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ValueError(f"unknown argument {flag!r}{hint} (see distlr --help)")
+    values = vars(args)
+    config_file = values.pop("config", None)
+    merged = load_yaml(config_file) if config_file else {}
+    merged.update(values)
+    return RunConfig.from_dict(merged, source=f"--config {config_file}" if config_file else "arguments")

@@ -1,0 +1,79 @@
+"""Reading batches for the sweep: cycling a short loader with a new epoch each time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def check_loader(loader: Any) -> None:
+    """Reject what cannot be a training loader, before anything runs.
+
+    Raises:
+        TypeError: ``loader`` is not iterable.
+        ValueError: ``loader`` has a length of 0.
+    """
+    if not isinstance(loader, Iterable):
+        raise TypeError(
+            f"train_dataloader must be an iterable of batches (e.g. a torch DataLoader); got {type(loader).__name__}"
+        )
+    try:
+        length = len(loader)
+    except TypeError:
+        return  # an iterable without a length: emptiness shows on the first fetch
+    if length == 0:
+        raise ValueError(
+            "train_dataloader is empty (len 0): it yields no batches; check the dataset, batch_size and drop_last"
+        )
+
+
+class BatchStream:
+    """Endless batches from a loader; when it runs out, the next epoch starts.
+
+    A ``sampler.set_epoch(epoch)`` (DistributedSampler and friends) is called for each new epoch
+    so every pass is shuffled anew, and the user is told once that the loader was cycled.
+    """
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader = loader
+        self.epoch = 0
+        self.cycled = False
+        self.batches_read = 0
+        self._it: Iterator[Any] = iter(loader)
+        self._read_this_epoch = 0
+
+    def next(self) -> Any:
+        """The next batch. Raises ValueError if the loader yields nothing at all."""
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            if self._read_this_epoch == 0:
+                raise ValueError(
+                    "train_dataloader yielded no batches; check the dataset, batch_size and drop_last"
+                ) from None
+            self._new_epoch()
+            batch = next(self._it)
+        self._read_this_epoch += 1
+        self.batches_read += 1
+        return batch
+
+    def take(self, n: int) -> list[Any]:
+        """The next ``n`` batches: the micro-batches of one optimizer step."""
+        return [self.next() for _ in range(n)]
+
+    def _new_epoch(self) -> None:
+        if not self.cycled:
+            logger.warning(
+                "train_dataloader ran out after %d batches; cycling it (new epoch, new shuffle) "
+                "to reach num_steps", self._read_this_epoch,
+            )
+        self.cycled = True
+        self.epoch += 1
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(getattr(sampler, "epoch", 0) + 1)
+        self._read_this_epoch = 0
+        self._it = iter(self.loader)

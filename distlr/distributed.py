@@ -1,0 +1,74 @@
+"""Every collective distlr uses, in one place.
+
+Each function here is a collective: **every rank must call it, in the same order**, or the job
+hangs. With one process (``world_size == 1``) they reduce to local arithmetic and touch no
+process group. Flags travel as int tensors (NCCL reduces no bools).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Stop codes rank 0 broadcasts after every step.
+CONTINUE, STOP_DIVERGED, STOP_NON_FINITE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Who this process is in the job. Passed explicitly; never read from a global."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def current(cls, device: torch.device) -> DistContext:
+        """The context of an already initialised process group (or a single process)."""
+        if dist.is_available() and dist.is_initialized():
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            return cls(dist.get_rank(), local_rank, dist.get_world_size(), device)
+        return cls(device=device)
+
+
+def all_reduce_step_stats(ctx: DistContext, stats: torch.Tensor) -> list[float]:
+    """Sum this step's packed statistics over all ranks and bring them to the host.
+
+    ``stats`` is one float tensor (weighted loss sum, item count, flags) so the whole step costs
+    one all-reduce and one device-to-host transfer. Collective: every rank must call this, in the
+    same order.
+    """
+    if ctx.distributed:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    return stats.tolist()
+
+
+def broadcast_stop(ctx: DistContext, code: int) -> int:
+    """Rank 0's stop code, on every rank. Collective: every rank must call this, in the same order."""
+    if not ctx.distributed:
+        return code
+    flag = torch.tensor([code], dtype=torch.int32, device=ctx.device)
+    dist.broadcast(flag, src=0)
+    return int(flag.item())
+
+
+def broadcast_object(ctx: DistContext, obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable), on every rank. Collective: every rank must call this, in the same order."""
+    if not ctx.distributed:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=ctx.device)
+    return box[0]

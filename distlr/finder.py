@@ -1,0 +1,261 @@
+"""``LRFinder``: the public facade. It checks arguments, then hands each job to its module.
+
+config (validate) -> backend (one step) -> snapshot -> sweep -> analysis (suggest) -> restore
+-> plot. Every exit path of ``find()`` restores the state taken before the sweep.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distlr import distributed as D
+from distlr.analysis import build_result
+from distlr.backend import AmpMode, TorchBackend
+from distlr.batch import Criterion, is_causal_lm
+from distlr.config import resolve_device, validate_find_args
+from distlr.data import BatchStream, check_loader
+from distlr.ladder import StepMode, lr_ladder
+from distlr.plot import plot_result
+from distlr.report import ProgressReporter
+from distlr.result import LRFinderResult
+from distlr.snapshot import Snapshot
+from distlr.sweep import run_sweep
+from distlr.tracker import LossTracker
+
+logger = logging.getLogger(__name__)
+
+
+class NoSuggestionError(RuntimeError):
+    """``find_optimal_lr`` found no sound learning rate; ``.result`` holds the curve and why."""
+
+    def __init__(self, result: LRFinderResult) -> None:
+        super().__init__(f"no learning rate can be suggested: {result.suggestion_note}")
+        self.result = result
+
+
+class LRFinder:
+    """Learning-rate range test (Smith, arXiv:1506.01186) that restores everything afterwards.
+
+    Args:
+        model: the ``nn.Module`` to test. It is moved to ``device`` and left there.
+        train_dataloader: an iterable of batches: ``(inputs, targets)``, dicts (Hugging Face
+            style) or anything with ``.to()``.
+        optimizer: used as is (several param groups keep their LR ratios along the ramp);
+            None builds AdamW over the trainable parameters.
+        criterion: ``criterion(output, targets)``; None when the model computes the loss.
+        device: ``"auto"`` (this rank's GPU if any, else CPU), ``"cpu"``, ``"cuda[:N]"``.
+        lr_scheduler: your LR scheduler, saved before the sweep and restored after it.
+        grad_scaler: your AMP ``GradScaler`` (used with ``amp="fp16"``), saved and restored.
+
+    Raises:
+        TypeError / ValueError: a bad argument, before anything runs.
+
+    Example:
+        >>> finder = LRFinder(model, loader, criterion=nn.CrossEntropyLoss())  # doctest: +SKIP
+        >>> result = finder.find(num_steps=100)                              # doctest: +SKIP
+        >>> finder.plot("lr_finder.png")                                     # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataloader: Iterable[Any],
+        optimizer: torch.optim.Optimizer | None = None,
+        criterion: Criterion | None = None,
+        device: str | torch.device = "auto",
+        *,
+        lr_scheduler: Any | None = None,
+        grad_scaler: Any | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_loader(train_dataloader)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if criterion is not None and not callable(criterion):
+            raise TypeError(f"criterion must be callable (criterion(output, targets)) or None, got {criterion!r}")
+        probe = D.DistContext.current(torch.device("cpu"))
+        self.device = resolve_device(device, probe.local_rank)
+        self.ctx = D.DistContext.current(self.device)
+        self.model = model.to(self.device)
+        if optimizer is None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            if not trainable:
+                raise ValueError("model has no trainable parameters (every requires_grad is False)")
+            optimizer = torch.optim.AdamW(trainable)
+        self.optimizer = optimizer
+        self.criterion = criterion
+        self.train_dataloader = train_dataloader
+        self.lr_scheduler, self.grad_scaler = lr_scheduler, grad_scaler
+        self.result: LRFinderResult | None = None
+        self._snapshot: Snapshot | None = None
+
+    def find(
+        self,
+        min_lr: float = 1e-8,
+        max_lr: float = 1e-1,
+        num_steps: int = 100,
+        smooth_factor: float = 0.98,
+        divergence_threshold: float = 4.0,
+        suggestion_method: str = "steepest_gradient",
+        *,
+        step_mode: StepMode = "exp",
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        amp: AmpMode = "no",
+        total_steps: int | None = None,
+        progress: bool = False,
+        log_every: int = 10,
+    ) -> LRFinderResult:
+        """Ramp the LR from ``min_lr`` to ``max_lr``, record the loss, suggest an LR, restore.
+
+        Args:
+            min_lr: LR of the first step (> 0).
+            max_lr: LR of the last step (> ``min_lr``).
+            num_steps: optimizer steps on the ladder (>= 2).
+            smooth_factor: weight on history of the loss EMA, in [0, 1); 0 disables smoothing.
+            divergence_threshold: stop when the smoothed loss exceeds this x the best one (> 1).
+            suggestion_method: ``"steepest_gradient"``, ``"valley"`` or ``"minimum"``.
+            step_mode: ``"exp"`` (even in log space) or ``"linear"``.
+            accumulation_steps: micro-batches per optimizer step; the ladder advances per step.
+            max_grad_norm: clip gradients to this norm before each step (None: no clipping).
+            amp: ``"no"``, ``"bf16"`` autocast, or ``"fp16"`` with a GradScaler (CUDA only);
+                an fp16 step skipped for overflow is retried and is no point on the curve.
+            total_steps: your training run's optimizer steps, for the schedule recommendation.
+            progress: draw a progress bar on rank 0 when stderr is a terminal.
+            log_every: log one line every this many steps (rank 0, logger ``distlr``).
+
+        Returns:
+            The ``LRFinderResult``, identical on every rank.
+
+        Raises:
+            TypeError / ValueError: a bad argument, before any training step; a batch or model
+                output whose loss cannot be found, before the first optimizer step.
+        """
+        validate_find_args(
+            min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, smooth_factor=smooth_factor,
+            divergence_threshold=divergence_threshold, suggestion_method=suggestion_method,
+            step_mode=step_mode, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm, amp=amp,
+        )
+        if amp == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"amp='fp16' needs a CUDA device (it uses a GradScaler); device is {self.device}. "
+                             "Use amp='bf16' or amp='no' on the CPU")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"total_steps={total_steps!r} is not allowed; use None or an int >= 1")
+        ladder = lr_ladder(min_lr, max_lr, num_steps, step_mode)
+        causal_lm = is_causal_lm(self.model)
+        backend = TorchBackend(
+            self.model, self.optimizer, criterion=self.criterion, device=self.device, amp=amp,
+            grad_scaler=self.grad_scaler, max_grad_norm=max_grad_norm, causal_lm=causal_lm,
+            lr_scheduler=self.lr_scheduler,
+        )
+        stream = BatchStream(self.train_dataloader)
+        tracker = LossTracker(smooth_factor=smooth_factor, divergence_threshold=divergence_threshold)
+        reporter = ProgressReporter(num_steps, bar=progress, log_every=log_every) if self.ctx.is_main else None
+        snapshot = backend.make_snapshot(getattr(self.train_dataloader, "sampler", None))
+
+        start = time.perf_counter()
+        snapshot.take()
+        self._snapshot = snapshot
+        try:
+            history = run_sweep(backend, stream, ladder, tracker, self.ctx,
+                                accumulation_steps=accumulation_steps, reporter=reporter)
+        finally:
+            if reporter is not None:
+                reporter.close()
+            snapshot.restore()
+        elapsed = time.perf_counter() - start
+
+        result = None
+        if self.ctx.is_main:
+            notes = []
+            if stream.cycled:
+                notes.append(f"train_dataloader was cycled: {stream.epoch} extra epoch(s) to reach {num_steps} steps")
+            result = build_result(
+                history, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, suggestion_method=suggestion_method,
+                step_mode=step_mode, world_size=self.ctx.world_size, micro_batch_size=backend.micro_batch_size,
+                accumulation_steps=accumulation_steps, elapsed_s=elapsed, total_steps=total_steps, notes=notes,
+            )
+            logger.info(
+                "suggested lr %s (%s) | %s after %d/%d steps | %.1f s",
+                "none" if result.optimal_lr is None else f"{result.optimal_lr:.3e}", suggestion_method,
+                result.stop_reason, result.steps_run, num_steps, elapsed,
+            )
+        self.result = D.broadcast_object(self.ctx, result)
+        return self.result
+
+    def plot(self, output_path: str | Path | None = None, log_scale: bool = True,
+             show_suggestion: bool = True) -> str | None:
+        """Draw the last result (loss and smoothed loss vs LR, suggestion, divergence point).
+
+        Args:
+            output_path: file to write (PNG by default). None picks ``lr_finder.png`` in the
+                working directory, or ``lr_finder-N.png`` if that exists (nothing is overwritten).
+            log_scale: log-scale LR axis.
+            show_suggestion: mark the suggested LR.
+
+        Returns:
+            The path written (only rank 0 writes; every rank gets the path).
+
+        Raises:
+            RuntimeError: ``find()`` has not run yet.
+        """
+        if self.result is None:
+            raise RuntimeError("nothing to plot yet: call find() first")
+        path = Path(output_path) if output_path is not None else _free_name(Path("lr_finder.png"))
+        if self.ctx.is_main:
+            plot_result(self.result, path, log_scale=log_scale, show_suggestion=show_suggestion)
+        return str(path)
+
+    def reset(self) -> None:
+        """Put model, optimizer, scheduler, scaler and RNG back as they were before ``find()``.
+
+        ``find()`` already does this on every exit path; ``reset()`` does it again on demand
+        (e.g. after you trained the model further). Before any ``find()`` it does nothing.
+        """
+        if self._snapshot is None:
+            logger.info("reset(): nothing to restore, find() has not run")
+            return
+        self._snapshot.restore()
+
+
+def _free_name(path: Path) -> Path:
+    n = 1
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def find_optimal_lr(model: nn.Module, train_dataloader: Iterable[Any], **kwargs: Any) -> float:
+    """Run a range test in one line and return the suggested learning rate.
+
+    Takes ``LRFinder``'s and ``find()``'s keyword arguments.
+
+    Raises:
+        TypeError: an unknown keyword argument.
+        NoSuggestionError: the curve gave no sound suggestion (the error says why and carries
+            the result).
+
+    Example:
+        >>> lr = find_optimal_lr(model, loader, criterion=nn.CrossEntropyLoss())  # doctest: +SKIP
+    """
+    init_names = set(inspect.signature(LRFinder.__init__).parameters) - {"self", "model", "train_dataloader"}
+    find_names = set(inspect.signature(LRFinder.find).parameters) - {"self"}
+    unknown = sorted(set(kwargs) - init_names - find_names)
+    if unknown:
+        raise TypeError(f"find_optimal_lr() got unknown argument(s) {unknown}; allowed: {sorted(init_names | find_names)}")
+    finder = LRFinder(model, train_dataloader, **{k: v for k, v in kwargs.items() if k in init_names})
+    result = finder.find(**{k: v for k, v in kwargs.items() if k in find_names})
+    if result.optimal_lr is None:
+        raise NoSuggestionError(result)
+    return result.optimal_lr

@@ -1,0 +1,64 @@
+"""The loss-vs-LR plot, headless. It draws what the result holds and computes nothing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from distlr.result import LRFinderResult
+
+
+def plot_result(
+    result: LRFinderResult, output_path: str | Path, *, log_scale: bool = True, show_suggestion: bool = True
+) -> Path:
+    """Draw raw and smoothed loss against LR to ``output_path`` (PNG, or any format by suffix).
+
+    Marks the suggested LR and the divergence point when there are any. Uses the Agg canvas
+    directly, so no display is needed and the global matplotlib backend is left alone.
+
+    Returns:
+        The path written.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - matplotlib is a core dependency
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from err
+
+    fig = Figure(figsize=(8, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(result.lrs, result.losses, color="0.7", linewidth=1, label="loss")
+    if result.smoothed_losses:
+        ax.plot(result.lrs, result.smoothed_losses, color="C0", linewidth=2, label="smoothed loss")
+    if log_scale:
+        ax.set_xscale("log")
+    if show_suggestion and result.optimal_lr is not None and result.best_lr_idx is not None:
+        y = result.smoothed_losses[result.best_lr_idx] if result.smoothed_losses else result.losses[result.best_lr_idx]
+        ax.axvline(result.optimal_lr, color="C3", linestyle="--", linewidth=1)
+        ax.plot([result.optimal_lr], [y], "o", color="C3",
+                label=f"suggested {result.optimal_lr:.2e} ({result.suggestion_method})")
+    if result.diverged_at is not None:
+        ax.axvline(result.lrs[result.diverged_at], color="C1", linestyle=":", linewidth=1,
+                   label=f"stopped: {result.stop_reason} at step {result.diverged_at}")
+    _limit_y(ax, result)
+    ax.set_xlabel("learning rate" + (" (log scale)" if log_scale else ""))
+    ax.set_ylabel("loss (mean over all ranks)")
+    ax.set_title(f"LR range test: {len(result.losses)} steps, {result.world_size} rank(s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    path = Path(output_path)
+    fig.savefig(path)
+    return path
+
+
+def _limit_y(ax, result: LRFinderResult) -> None:
+    # The diverging point can sit orders of magnitude above the curve; scale to what came before.
+    end = result.diverged_at if result.diverged_at is not None else len(result.losses)
+    shown = [v for v in result.losses[:end] + result.smoothed_losses[:end] if math.isfinite(v)]
+    if len(shown) < 2:
+        return
+    low, high = min(shown), max(shown)
+    pad = 0.05 * ((high - low) or abs(high) or 1.0)
+    ax.set_ylim(low - pad, high + pad)

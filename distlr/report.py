@@ -1,0 +1,129 @@
+"""What rank 0 shows and writes: the progress line, the summary, result files.
+
+Files are written atomically (temp file + rename) into a fresh output directory; an existing
+result is never overwritten unless the user asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TextIO
+
+from distlr.result import LRFinderResult
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+PLOT_FILE = "lr_finder.png"
+CONFIG_FILE = "config.yaml"
+OUTPUTS = (RESULT_FILE, PLOT_FILE, CONFIG_FILE)
+
+
+def format_step(index: int, num_steps: int, lr: float, loss: float, smoothed: float) -> str:
+    """One fixed-width line per step: ``step 037/100 | lr 3.16e-03 | loss 2.4132 | smooth 2.4410``."""
+    width = len(str(num_steps))
+    return f"step {index + 1:0{width}d}/{num_steps} | lr {lr:.2e} | loss {loss:.4f} | smooth {smoothed:.4f}"
+
+
+class ProgressReporter:
+    """Rank 0's view of the sweep: a progress bar on a terminal, else a log line every few steps."""
+
+    def __init__(self, num_steps: int, *, bar: bool = True, log_every: int = 10, stream: TextIO | None = None) -> None:
+        self.num_steps, self.log_every = num_steps, log_every
+        self.stream = stream or sys.stderr
+        self.bar = bar and self.stream.isatty()
+        self._drawn = False
+
+    def step(self, index: int, lr: float, loss: float, smoothed: float) -> None:
+        line = format_step(index, self.num_steps, lr, loss, smoothed)
+        if self.bar:
+            done = (index + 1) * 30 // self.num_steps
+            self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {line}")
+            self.stream.flush()
+            self._drawn = True
+        elif index % self.log_every == 0 or index + 1 == self.num_steps:
+            logger.info(line)
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def summary(result: LRFinderResult) -> str:
+    """A few lines for the terminal: the suggestion (or why there is none), how the run ended."""
+    lines = []
+    if result.optimal_lr is not None:
+        lines.append(f"suggested lr: {result.optimal_lr:.3e}  ({result.suggestion_method})")
+    else:
+        lines.append(f"no suggestion ({result.suggestion_method}): {result.suggestion_note}")
+    others = ", ".join(
+        f"{name} {lr:.2e}" if lr is not None else f"{name} -" for name, lr in result.suggestions.items()
+    )
+    lines.append(f"all rules:    {others}")
+    ended = {
+        "completed": f"ran all {result.num_steps} steps",
+        "diverged": f"loss diverged at step {result.diverged_at} (lr {_lr_at(result)}), stopped",
+        "non_finite": f"loss was not finite at step {result.diverged_at} (lr {_lr_at(result)}), stopped",
+    }[result.stop_reason]
+    batch = f", global batch {result.global_batch_size}" if result.global_batch_size else ""
+    lines.append(f"sweep:        {ended}; {result.world_size} rank(s){batch}; {result.elapsed_s:.1f} s")
+    if result.schedule is not None:
+        one = result.schedule["one_cycle"]
+        lines.append(f"one-cycle:    max_lr {one['max_lr']:.2e}, start {one['initial_lr']:.2e}, end {one['final_lr']:.2e}")
+    lines.extend(f"note:         {note}" for note in result.notes)
+    return "\n".join(lines)
+
+
+def _lr_at(result: LRFinderResult) -> str:
+    return f"{result.lrs[result.diverged_at]:.2e}" if result.diverged_at is not None else "-"
+
+
+def new_output_dir(requested: str | None, *, overwrite: bool, root: str | Path = "distlr-runs") -> Path:
+    """Create and return the directory results go to.
+
+    With no ``requested`` path: a new timestamped folder under ``root``. A requested directory
+    that already holds a result is refused unless ``overwrite`` is set.
+
+    Raises:
+        FileExistsError: the directory holds earlier results and ``overwrite`` is False.
+        PermissionError / NotADirectoryError: the directory cannot be written.
+    """
+    if requested is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(root) / stamp
+        path, n = base, 1
+        while path.exists():
+            path, n = Path(f"{base}-{n}"), n + 1
+    else:
+        path = Path(requested)
+        found = [name for name in OUTPUTS if (path / name).exists()]
+        if found and not overwrite:
+            raise FileExistsError(
+                f"output_dir={str(path)!r} already holds {', '.join(found)}; choose another --output-dir "
+                "or pass --overwrite"
+            )
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"output_dir={str(path)!r} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"output_dir={str(path)!r} is not writable")
+    return path
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file and a rename, so no half-written file is left."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

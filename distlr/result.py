@@ -1,0 +1,107 @@
+"""``LRFinderResult``: everything a range test found, identical on every rank, JSON round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Why the sweep ended. "diverged": the smoothed loss rose past the threshold; "non_finite": a loss
+# was NaN/inf on some rank; "completed": every step of the ladder ran.
+STOP_REASONS = ("completed", "diverged", "non_finite")
+
+
+@dataclass
+class LRFinderResult:
+    """The outcome of ``LRFinder.find()``.
+
+    The first nine fields are the ones SPEC.md fixes; the rest say why the run ended and how
+    much to trust it. Losses are the global mean over all ranks, one per optimizer step.
+    ``optimal_lr`` and ``best_lr_idx`` are None when no sound suggestion exists, and then
+    ``suggestion_note`` says why.
+
+    Example:
+        >>> result = finder.find()                         # doctest: +SKIP
+        >>> LRFinderResult.from_json(result.to_json()) == result   # doctest: +SKIP
+        True
+    """
+
+    optimal_lr: float | None
+    min_lr: float
+    max_lr: float
+    num_steps: int
+    lrs: list[float]
+    losses: list[float]
+    smoothed_losses: list[float]
+    best_lr_idx: int | None
+    suggestion_method: str
+    # -- why and how it ran ------------------------------------------------------------------
+    stop_reason: str = "completed"
+    """One of STOP_REASONS."""
+    diverged_at: int | None = None
+    """Index of the step at which the loss diverged (it is the last recorded point), or None."""
+    suggestion_note: str | None = None
+    """Why there is no suggestion, when ``optimal_lr`` is None."""
+    suggestions: dict[str, float | None] = field(default_factory=dict)
+    """Every rule's suggestion, by name (None where that rule had no sound answer)."""
+    schedule: dict[str, Any] | None = None
+    """A schedule built on ``optimal_lr`` in pasteable forms (see ``distlr.schedule``)."""
+    step_mode: str = "exp"
+    world_size: int = 1
+    micro_batch_size: int | None = None
+    """Samples per rank per micro-batch (the first batch's size)."""
+    accumulation_steps: int = 1
+    global_batch_size: int | None = None
+    """micro_batch_size x world_size x accumulation_steps."""
+    elapsed_s: float = 0.0
+    """Wall time of the sweep, snapshot and restore included."""
+    notes: list[str] = field(default_factory=list)
+    """Things the user was told during the run (loader cycled, steps skipped, ...)."""
+
+    @property
+    def steps_run(self) -> int:
+        """How many points the curve has (fewer than ``num_steps`` when it stopped early)."""
+        return len(self.losses)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; NaN and inf become null so any JSON parser reads the file."""
+        return _finite_or_none(dataclasses.asdict(self))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """Serialise to strict JSON (see ``to_dict``)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LRFinderResult:
+        """Rebuild a result from ``to_dict()`` output; null losses come back as NaN."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LRFinderResult field(s) {unknown}; allowed: {sorted(known)}")
+        data = dict(data)
+        for key in ("losses", "smoothed_losses"):
+            data[key] = [math.nan if v is None else float(v) for v in data[key]]
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> LRFinderResult:
+        """Inverse of ``to_json``."""
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        # NaN != NaN would make a diverged result unequal to its own round trip.
+        if not isinstance(other, LRFinderResult):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value

@@ -1,0 +1,58 @@
+"""Loss smoothing and the divergence rule: the decision rank 0 takes after every step.
+
+Pure math: no torch, no I/O. ``LossTracker`` is fed the global mean loss of each step and says
+whether the sweep must stop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LossTracker:
+    """Bias-corrected exponential moving average of the loss, plus the divergence check.
+
+    ``smooth_factor`` is the weight on history (beta): ``avg = beta * avg + (1 - beta) * loss``,
+    reported as ``avg / (1 - beta ** n)`` so the first points are not dragged towards zero.
+    ``smooth_factor=0`` disables smoothing.
+
+    The sweep diverges when a loss is not finite, or when the smoothed loss rises above
+    ``divergence_threshold`` times the best smoothed loss so far. For a negative best loss the
+    rule is read as "rose by more than (threshold - 1) x |best|", which is the same test for a
+    positive best and keeps a negative loss from stopping the sweep on its first step.
+
+    Example:
+        >>> t = LossTracker(smooth_factor=0.0, divergence_threshold=4.0)
+        >>> t.update(1.0), t.update(0.5), t.update(2.5)
+        (False, False, True)
+    """
+
+    smooth_factor: float
+    divergence_threshold: float
+    smoothed: list[float] = field(default_factory=list)
+    best: float = math.inf
+    _avg: float = 0.0
+
+    def update(self, loss: float) -> bool:
+        """Record one step's loss; return True when the sweep has diverged at this step."""
+        if not math.isfinite(loss):
+            self.smoothed.append(math.nan)
+            return True
+        beta = self.smooth_factor
+        self._avg = beta * self._avg + (1.0 - beta) * loss
+        smoothed = self._avg / (1.0 - beta ** (len(self.smoothed) + 1))
+        self.smoothed.append(smoothed)
+        if smoothed < self.best:
+            self.best = smoothed
+            return False
+        return smoothed - self.best > (self.divergence_threshold - 1.0) * abs(self.best)
+
+
+def smooth(losses: list[float], smooth_factor: float) -> list[float]:
+    """Bias-corrected EMA of a whole curve (the same numbers ``LossTracker`` reports)."""
+    tracker = LossTracker(smooth_factor=smooth_factor, divergence_threshold=math.inf)
+    for loss in losses:
+        tracker.update(loss)
+    return tracker.smoothed

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up .venv and run the test suite. Extra arguments go to pytest (e.g. -k restore -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec "${DISTLR_VENV:-.venv}/bin/python" -m pytest "$@"

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import typing
 
-from distlr.config import RunConfig, field_docs, load_yaml
+from distlr.config import RunConfig, closest, field_docs, load_yaml
 
 DESCRIPTION = """\
 LR range test that runs where training runs. With no arguments: the built-in demo (a tiny GPT on
@@ -42,8 +41,8 @@ def parse_cli(argv: list[str] | None = None) -> RunConfig:
     if unknown:
         flag = unknown[0]
         names = [opt for action in parser._actions for opt in action.option_strings]
-        close = difflib.get_close_matches(flag.split("=")[0], names, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
+        close = closest(flag.split("=")[0], names)
+        hint = f"; did you mean {close}?" if close else ""
         raise ValueError(f"unknown argument {flag!r}{hint} (see distlr --help)")
     values = vars(args)
     config_file = values.pop("config", None)

@@ -35,13 +35,23 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def closest(name: str, candidates: typing.Iterable[str]) -> str | None:
+    """The candidate most like ``name`` (for "did you mean ...?"), or None if none is close.
+
+    The cutoff is lower than difflib's default so that long misspellings such as
+    ``max_learning_rate`` still find ``max_lr``.
+    """
+    found = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.4)
+    return found[0] if found else None
+
+
 def check_choice(name: str, value: Any, allowed: typing.Iterable[str]) -> None:
     """Raise ValueError unless ``value`` is one of ``allowed``, suggesting the closest name."""
     allowed = list(allowed)
     if value in allowed:
         return
-    close = difflib.get_close_matches(str(value), allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest(str(value), allowed)
+    hint = f" (did you mean {close!r}?)" if close else ""
     raise ValueError(f"{name}={value!r} is not supported{hint}; allowed: {', '.join(map(repr, allowed))}")
 
 
@@ -227,8 +237,8 @@ class RunConfig:
         types_ = _field_types(cls)
         for key in data:
             if key not in types_:
-                close = difflib.get_close_matches(key, list(types_), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                close = closest(key, types_)
+                hint = f"; did you mean {close!r}?" if close else ""
                 raise ValueError(f"unknown key {key!r} in {source}{hint} (valid keys: see `distlr --help`)")
         return cls(**{k: coerce(k, v, types_[k]) for k, v in data.items()})
 

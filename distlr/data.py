@@ -42,11 +42,15 @@ class BatchStream:
         self.epoch = 0
         self.cycled = False
         self.batches_read = 0
-        self._it: Iterator[Any] = iter(loader)
+        # Made on the first fetch, not here: a DataLoader draws its shuffle seed from the torch RNG
+        # when its iterator is created, and that must happen after the snapshot.
+        self._it: Iterator[Any] | None = None
         self._read_this_epoch = 0
 
     def next(self) -> Any:
         """The next batch. Raises ValueError if the loader yields nothing at all."""
+        if self._it is None:
+            self._it = iter(self.loader)
         try:
             batch = next(self._it)
         except StopIteration:

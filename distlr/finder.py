@@ -157,7 +157,6 @@ class LRFinder:
             grad_scaler=self.grad_scaler, max_grad_norm=max_grad_norm, causal_lm=causal_lm,
             lr_scheduler=self.lr_scheduler,
         )
-        stream = BatchStream(self.train_dataloader)
         tracker = LossTracker(smooth_factor=smooth_factor, divergence_threshold=divergence_threshold)
         reporter = ProgressReporter(num_steps, bar=progress, log_every=log_every) if self.ctx.is_main else None
         snapshot = backend.make_snapshot(getattr(self.train_dataloader, "sampler", None))
@@ -165,6 +164,7 @@ class LRFinder:
         start = time.perf_counter()
         snapshot.take()
         self._snapshot = snapshot
+        stream = BatchStream(self.train_dataloader)
         try:
             history = run_sweep(backend, stream, ladder, tracker, self.ctx,
                                 accumulation_steps=accumulation_steps, reporter=reporter)

@@ -1,0 +1,100 @@
+"""The command line: the demo end to end, outputs, and never overwriting a result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distlr import LRFinderResult
+from distlr.__main__ import main
+
+FAST = ["--num-steps", "12", "--batch-size", "4", "--seq-len", "16", "--no-progress"]
+
+
+def test_demo_with_no_arguments_prints_a_suggestion_and_writes_json_and_png(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "distlr"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "suggested lr:" in proc.stdout
+    runs = list((tmp_path / "distlr-runs").iterdir())
+    assert len(runs) == 1
+    result = LRFinderResult.from_json((runs[0] / "result.json").read_text())
+    assert result.optimal_lr is not None and result.min_lr <= result.optimal_lr <= result.max_lr
+    assert result.num_steps == 100 and result.steps_run >= 10
+    assert f"{result.optimal_lr:.3e}" in proc.stdout
+    assert (runs[0] / "lr_finder.png").read_bytes()[:4] == b"\x89PNG"
+    assert "min_lr: 1.0e-08" in (runs[0] / "config.yaml").read_text()
+
+
+def test_config_file_and_flags_drive_the_run(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("min_lr: 1e-5\nmax_lr: 1.0\nnum_steps: 40\nsuggestion_method: valley\n")
+    out = tmp_path / "out"
+    assert main(["--config", str(config), *FAST, "--output-dir", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["num_steps"] == 12 and result["min_lr"] == 1e-5 and result["suggestion_method"] == "valley"
+    expected_points = 12 if result["diverged_at"] is None else result["diverged_at"] + 1
+    assert len(result["lrs"]) == len(result["losses"]) == expected_points
+    assert "num_steps: 12" in (out / "config.yaml").read_text()
+    assert "suggested lr" in capsys.readouterr().out or result["optimal_lr"] is None
+
+
+def test_an_existing_result_is_never_overwritten_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.json").write_text("my earlier result")
+    assert main([*FAST, "--output-dir", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "result.json").read_text() == "my earlier result"
+    assert main([*FAST, "--output-dir", str(out), "--overwrite"]) == 0
+    assert LRFinderResult.from_json((out / "result.json").read_text()).num_steps == 12
+
+
+def test_default_output_dirs_are_new_each_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(FAST) == 0
+    assert main(FAST) == 0
+    runs = sorted(Path("distlr-runs").iterdir())
+    assert len(runs) == 2 and all((r / "result.json").exists() for r in runs)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--max-lr", "0"], ["max_lr=0.0"]),
+        (["--lr-max", "1"], ["--lr-max", "did you mean"]),
+        (["--model", "no/such/dir"], ["model='no/such/dir'"]),
+        (["--data", "missing.txt"], ["data='missing.txt'"]),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, argv, words):
+    assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distlr: error:")
+    for word in words:
+        assert word in err
+
+
+def test_help_lists_every_find_argument(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--min-lr", "--max-lr", "--num-steps", "--smooth-factor", "--divergence-threshold",
+                 "--suggestion-method", "--config", "--output-dir", "--seed", "--optimizer", "--batch-size"):
+        assert flag in text
+    assert "Weight on history" in text
+
+
+def test_text_files_are_tokenized_and_packed(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "out"
+    assert main([*FAST, "--data", str(corpus), "--output-dir", str(out)]) == 0
+    assert LRFinderResult.from_json((out / "result.json").read_text()).steps_run >= 2

@@ -1,0 +1,21 @@
+"""Every shipped config loads and validates (a typo in one fails here, not on a cluster)."""
+
+from pathlib import Path
+
+import pytest
+
+from distlr.cli import parse_cli
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_is_valid_and_says_how_to_run_it(path):
+    text = path.read_text()
+    assert text.startswith("#") and "distlr" in text.split("\n\n")[0]  # a comment header with the command
+    cfg = parse_cli(["--config", str(path)])
+    assert cfg.num_steps >= 2

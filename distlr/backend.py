@@ -13,8 +13,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from distlr.batch import Criterion, compute_loss, count_items, count_samples, prepare_batch
-from distlr.snapshot import MemorySnapshot, Snapshot
+from distlr.batch import Criterion, compute_loss, count_items, count_samples, prepare_batch, unwrap
+from distlr.snapshot import Snapshot, TensorStore, TrainingSnapshot
 
 AmpMode = Literal["no", "bf16", "fp16"]
 AMP_MODES: tuple[str, ...] = ("no", "bf16", "fp16")
@@ -29,7 +29,7 @@ class Backend(Protocol):
 
     def set_lr(self, lr: float) -> None: ...
     def train_step(self, micro_batches: Sequence[Any]) -> torch.Tensor: ...
-    def make_snapshot(self, sampler: Any | None) -> Snapshot: ...
+    def make_snapshot(self, store: TensorStore, sampler: Any | None) -> Snapshot: ...
 
 
 def group_lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
@@ -143,9 +143,8 @@ class TorchBackend:
         dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def make_snapshot(self, sampler: Any | None) -> Snapshot:
-        module = self.model.module if hasattr(self.model, "module") else self.model
-        return MemorySnapshot(
-            module, self.optimizer, lr_scheduler=self.lr_scheduler,
+    def make_snapshot(self, store: TensorStore, sampler: Any | None) -> Snapshot:
+        return TrainingSnapshot(
+            unwrap(self.model), self.optimizer, store, lr_scheduler=self.lr_scheduler,
             grad_scaler=self.user_grad_scaler, sampler=sampler,
         )

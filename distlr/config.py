@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from distlr.backend import AMP_MODES
+from distlr.distributed import DIST_BACKENDS
 from distlr.ladder import STEP_MODES
+from distlr.snapshot import SNAPSHOT_MODES
 from distlr.suggest import SUGGESTION_RULES
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
@@ -193,6 +195,16 @@ class RunConfig:
     """Allow writing into an output_dir that already holds a result."""
     total_steps: int | None = None
     """Optimizer steps of your real training run, filled into the schedule recommendation."""
+    snapshot: str = "memory"
+    """Where the pre-sweep state is kept: memory (host RAM) or disk (a checkpoint per rank)."""
+    snapshot_dir: str | None = None
+    """Directory for snapshot=disk (default: the system temp directory)."""
+    find_unused_parameters: bool = False
+    """Passed to DDP: set it when some parameters get no gradient in a step."""
+    dist_backend: str = "auto"
+    """Process group backend when distlr creates one: auto (nccl with CUDA, else gloo), nccl, gloo."""
+    dist_timeout: float = 300.0
+    """Seconds a collective may wait before the job fails."""
     log_every: int = 10
     """Log one line every this many steps (when no progress bar is drawn)."""
     progress: bool = True
@@ -214,6 +226,10 @@ class RunConfig:
         if self.total_steps is not None and self.total_steps < 1:
             raise ValueError(f"total_steps={self.total_steps!r} is not allowed; use an int >= 1 or leave it unset")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("snapshot", self.snapshot, SNAPSHOT_MODES)
+        check_choice("dist_backend", self.dist_backend, DIST_BACKENDS)
+        if not self.dist_timeout > 0 or not math.isfinite(self.dist_timeout):
+            raise ValueError(f"dist_timeout={self.dist_timeout!r} is not allowed; use a number of seconds > 0")
         if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
             raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed; use a number >= 0")
         if not 0 <= self.momentum < 1:

@@ -6,6 +6,10 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
+
+from distlr.distributed import DistContext
+
 logger = logging.getLogger(__name__)
 
 
@@ -81,3 +85,48 @@ class BatchStream:
             sampler.set_epoch(getattr(sampler, "epoch", 0) + 1)
         self._read_this_epoch = 0
         self._it = iter(self.loader)
+
+
+def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
+    """A loader that reads only this rank's shard of the data.
+
+    A ``DataLoader`` over a map-style dataset without a ``DistributedSampler`` is rebuilt with
+    one (same batch size, collate_fn, workers, drop_last, pinning; shuffled if the original
+    shuffled, with the same ``seed`` on every rank). A loader that already has one is used as
+    is. Anything else (an IterableDataset, a custom batch sampler, a plain iterable) cannot be
+    sharded from outside: it is used as given, with a warning, and must shard itself.
+    """
+    if not ctx.distributed:
+        return loader
+    if not isinstance(loader, DataLoader):
+        _warn_unsharded(ctx, f"train_dataloader is a {type(loader).__name__}, not a DataLoader")
+        return loader
+    if isinstance(loader.sampler, DistributedSampler):
+        return loader
+    if isinstance(loader.dataset, IterableDataset):
+        _warn_unsharded(ctx, "train_dataloader reads an IterableDataset")
+        return loader
+    if loader.batch_size is None or not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+        _warn_unsharded(ctx, f"train_dataloader uses a custom sampler ({type(loader.batch_sampler).__name__})")
+        return loader
+    sampler = DistributedSampler(
+        loader.dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+        shuffle=isinstance(loader.sampler, RandomSampler), seed=seed, drop_last=loader.drop_last,
+    )
+    workers = loader.num_workers
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context if workers else None,
+        prefetch_factor=loader.prefetch_factor if workers else None,
+        persistent_workers=loader.persistent_workers if workers else False,
+    )
+
+
+def _warn_unsharded(ctx: DistContext, what: str) -> None:
+    if ctx.is_main:
+        logger.warning(
+            "%s: every rank reads it as given, so make sure each rank gets its own shard "
+            "(e.g. a DistributedSampler)", what,
+        )

@@ -7,12 +7,13 @@ process group. Flags travel as int tensors (NCCL reduces no bools).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 
 # Stop codes rank 0 broadcasts after every step.
 CONTINUE, STOP_DIVERGED, STOP_NON_FINITE = 0, 1, 2
@@ -34,14 +35,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-    @classmethod
-    def current(cls, device: torch.device) -> DistContext:
-        """The context of an already initialised process group (or a single process)."""
-        if dist.is_available() and dist.is_initialized():
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            return cls(dist.get_rank(), local_rank, dist.get_world_size(), device)
-        return cls(device=device)
 
 
 def all_reduce_step_stats(ctx: DistContext, stats: torch.Tensor) -> list[float]:
@@ -72,3 +65,31 @@ def broadcast_object(ctx: DistContext, obj: Any) -> Any:
     box = [obj if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0, device=ctx.device)
     return box[0]
+
+
+class RankFailure(RuntimeError):
+    """Another rank failed; this rank stops with the same message instead of hanging."""
+
+
+def raise_if_any_failed(ctx: DistContext, error: BaseException | None) -> None:
+    """Make a failure on any rank a failure on every rank, with the same message.
+
+    Call it after a step that can fail on some ranks only (checking arguments, writing a
+    snapshot): the rank that failed re-raises its own error, the others raise a RuntimeError
+    naming the rank and the cause, so no rank walks on into a collective the others never
+    reach. Collective: every rank must call this, in the same order.
+    """
+    if not ctx.distributed:
+        if error is not None:
+            raise error
+        return
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, message)
+    failed = [(rank, msg) for rank, msg in enumerate(gathered) if msg is not None]
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    rank, msg = failed[0]
+    raise RankFailure(f"rank {rank} failed: {msg}")

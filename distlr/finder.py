@@ -6,8 +6,11 @@ config (validate) -> backend (one step) -> snapshot -> sweep -> analysis (sugges
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,13 +23,14 @@ from distlr import distributed as D
 from distlr.analysis import build_result
 from distlr.backend import AmpMode, TorchBackend
 from distlr.batch import Criterion, is_causal_lm
-from distlr.config import resolve_device, validate_find_args
-from distlr.data import BatchStream, check_loader
+from distlr.config import check_choice, validate_find_args
+from distlr.data import BatchStream, check_loader, shard_loader
 from distlr.ladder import StepMode, lr_ladder
 from distlr.plot import plot_result
 from distlr.report import ProgressReporter
 from distlr.result import LRFinderResult
-from distlr.snapshot import Snapshot
+from distlr.session import DEFAULT_TIMEOUT_S, start_session
+from distlr.snapshot import SNAPSHOT_MODES, DiskStore, HostStore, Snapshot, SnapshotMode, TensorStore
 from distlr.sweep import run_sweep
 from distlr.tracker import LossTracker
 
@@ -54,6 +58,19 @@ class LRFinder:
         device: ``"auto"`` (this rank's GPU if any, else CPU), ``"cpu"``, ``"cuda[:N]"``.
         lr_scheduler: your LR scheduler, saved before the sweep and restored after it.
         grad_scaler: your AMP ``GradScaler`` (used with ``amp="fp16"``), saved and restored.
+        snapshot: ``"memory"`` (host memory, the default) or ``"disk"`` (a
+            torch.distributed.checkpoint directory per rank, removed once restored).
+        snapshot_dir: where ``"disk"`` snapshots go (default: the system temp directory).
+        find_unused_parameters: passed to DDP when distlr wraps the model.
+        dist_backend: ``"auto"`` (NCCL with CUDA, else gloo), ``"nccl"`` or ``"gloo"``; used only
+            when distlr creates the process group (under torchrun/SLURM without one).
+        dist_timeout: collective timeout in seconds for a process group distlr creates.
+        data_seed: shuffle seed of the ``DistributedSampler`` distlr puts in a loader that has
+            none (the same on every rank).
+
+    Under torchrun every rank constructs the finder and calls ``find()``: the model is wrapped
+    in DDP (unless it already is DDP/FSDP), the loader gets a ``DistributedSampler`` (unless it
+    has one), the loss is averaged over all ranks and every rank stops on the same step.
 
     Raises:
         TypeError / ValueError: a bad argument, before anything runs.
@@ -74,6 +91,12 @@ class LRFinder:
         *,
         lr_scheduler: Any | None = None,
         grad_scaler: Any | None = None,
+        snapshot: SnapshotMode = "memory",
+        snapshot_dir: str | Path | None = None,
+        find_unused_parameters: bool = False,
+        dist_backend: str = "auto",
+        dist_timeout: float = DEFAULT_TIMEOUT_S,
+        data_seed: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -82,9 +105,10 @@ class LRFinder:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         if criterion is not None and not callable(criterion):
             raise TypeError(f"criterion must be callable (criterion(output, targets)) or None, got {criterion!r}")
-        probe = D.DistContext.current(torch.device("cpu"))
-        self.device = resolve_device(device, probe.local_rank)
-        self.ctx = D.DistContext.current(self.device)
+        check_choice("snapshot", snapshot, SNAPSHOT_MODES)
+        self._session = start_session(device, dist_backend=dist_backend, dist_timeout=dist_timeout)
+        self.ctx = self._session.ctx
+        self.device = self.ctx.device
         self.model = model.to(self.device)
         if optimizer is None:
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -93,10 +117,33 @@ class LRFinder:
             optimizer = torch.optim.AdamW(trainable)
         self.optimizer = optimizer
         self.criterion = criterion
-        self.train_dataloader = train_dataloader
         self.lr_scheduler, self.grad_scaler = lr_scheduler, grad_scaler
+        self.snapshot_mode: SnapshotMode = snapshot
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else Path(tempfile.gettempdir())
+        # Under DDP every rank trains through the wrapper, which also makes rank 0's weights
+        # everyone's (as DDP always does); the user's module stays what is snapshotted.
+        self._train_model = wrap_for_data_parallel(self.model, self.ctx, find_unused_parameters)
+        self.train_dataloader = shard_loader(train_dataloader, self.ctx, seed=data_seed)
         self.result: LRFinderResult | None = None
         self._snapshot: Snapshot | None = None
+
+    def close(self) -> None:
+        """Remove a disk snapshot and end the process group if distlr created it."""
+        if self._snapshot is not None and self.snapshot_mode == "disk":
+            self._snapshot.discard()
+            self._snapshot = None
+        if self._train_model is not self.model:
+            # Drop the DDP wrapper before its process group: a group that is freed from inside the
+            # wrapper's deallocation joins its worker threads while holding the GIL and deadlocks.
+            self._train_model = self.model
+            gc.collect()
+        self._session.close()
+
+    def __enter__(self) -> LRFinder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def find(
         self,
@@ -140,29 +187,37 @@ class LRFinder:
             TypeError / ValueError: a bad argument, before any training step; a batch or model
                 output whose loss cannot be found, before the first optimizer step.
         """
-        validate_find_args(
-            min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, smooth_factor=smooth_factor,
-            divergence_threshold=divergence_threshold, suggestion_method=suggestion_method,
-            step_mode=step_mode, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm, amp=amp,
-        )
-        if amp == "fp16" and self.device.type != "cuda":
-            raise ValueError(f"amp='fp16' needs a CUDA device (it uses a GradScaler); device is {self.device}. "
-                             "Use amp='bf16' or amp='no' on the CPU")
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"total_steps={total_steps!r} is not allowed; use None or an int >= 1")
+        error: Exception | None = None
+        try:
+            validate_find_args(
+                min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, smooth_factor=smooth_factor,
+                divergence_threshold=divergence_threshold, suggestion_method=suggestion_method,
+                step_mode=step_mode, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm, amp=amp,
+            )
+            _check_run_args(amp=amp, device=self.device, total_steps=total_steps)
+        except (TypeError, ValueError) as err:
+            error = err
+        D.raise_if_any_failed(self.ctx, error)  # the same error on every rank, before any step
         ladder = lr_ladder(min_lr, max_lr, num_steps, step_mode)
         causal_lm = is_causal_lm(self.model)
         backend = TorchBackend(
-            self.model, self.optimizer, criterion=self.criterion, device=self.device, amp=amp,
+            self._train_model, self.optimizer, criterion=self.criterion, device=self.device, amp=amp,
             grad_scaler=self.grad_scaler, max_grad_norm=max_grad_norm, causal_lm=causal_lm,
             lr_scheduler=self.lr_scheduler,
         )
         tracker = LossTracker(smooth_factor=smooth_factor, divergence_threshold=divergence_threshold)
         reporter = ProgressReporter(num_steps, bar=progress, log_every=log_every) if self.ctx.is_main else None
-        snapshot = backend.make_snapshot(getattr(self.train_dataloader, "sampler", None))
+        if self._snapshot is not None:
+            self._snapshot.discard()
+        snapshot = backend.make_snapshot(self._make_store(), getattr(self.train_dataloader, "sampler", None))
 
         start = time.perf_counter()
-        snapshot.take()
+        error = None
+        try:
+            snapshot.take()
+        except OSError as err:
+            error = err
+        D.raise_if_any_failed(self.ctx, error)
         self._snapshot = snapshot
         stream = BatchStream(self.train_dataloader)
         try:
@@ -172,6 +227,10 @@ class LRFinder:
             if reporter is not None:
                 reporter.close()
             snapshot.restore()
+            if self.snapshot_mode == "disk":
+                # A disk snapshot is removed as soon as it has been restored, on every exit path.
+                snapshot.discard()
+                self._snapshot = None
         elapsed = time.perf_counter() - start
 
         result = None
@@ -222,9 +281,46 @@ class LRFinder:
         (e.g. after you trained the model further). Before any ``find()`` it does nothing.
         """
         if self._snapshot is None:
+            if self.snapshot_mode == "disk" and self.result is not None:
+                raise RuntimeError(
+                    "reset() has nothing to restore from: with snapshot='disk' the snapshot is removed once "
+                    "find() has restored it; use snapshot='memory' to reset() later"
+                )
             logger.info("reset(): nothing to restore, find() has not run")
             return
         self._snapshot.restore()
+
+    def _make_store(self) -> TensorStore:
+        if self.snapshot_mode == "memory":
+            return HostStore()
+        # Rank 0 names the snapshot and every rank writes its own directory beside the others.
+        name = D.broadcast_object(self.ctx, f"distlr-snapshot-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        return DiskStore(self.snapshot_dir / f"{name}-rank{self.ctx.rank}")
+
+
+def _check_run_args(*, amp: str, device: torch.device, total_steps: Any) -> None:
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"amp='fp16' needs a CUDA device (it uses a GradScaler); device is {device}. "
+                         "Use amp='bf16' or amp='no' on the CPU")
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
+        raise ValueError(f"total_steps={total_steps!r} is not allowed; use None or an int >= 1")
+
+
+def wrap_for_data_parallel(model: nn.Module, ctx: D.DistContext, find_unused_parameters: bool) -> nn.Module:
+    """``model`` in DDP when the job has several ranks; a DDP or FSDP model is used as it is."""
+    if not ctx.distributed or _is_data_parallel(model):
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+
+def _is_data_parallel(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, (DistributedDataParallel, FullyShardedDataParallel, FSDPModule))
 
 
 def _free_name(path: Path) -> Path:

@@ -1,20 +1,36 @@
 """Snapshot and restore: put the model, optimizer and RNG back exactly as they were.
 
-``MemorySnapshot`` keeps a copy of this rank's state in host memory, never on the device, so a
-snapshot costs no accelerator memory. Restore is bit-exact: tensors are copied back in place
-(the optimizer keeps pointing at the same parameters) and every RNG stream is reset.
+A snapshot splits this rank's training state into its tensors (parameters, buffers, gradients,
+optimizer state) and everything else (param-group settings, scheduler, scaler, sampler epoch,
+RNG states, train/eval flags). The small part stays in host memory; the tensors go to a store:
+
+- ``HostStore``: copies in host memory, never on the accelerator;
+- ``DiskStore``: a torch.distributed.checkpoint directory of this rank's own.
+
+Each rank saves and loads only its own state, with no collective, so a restore on an exception
+path can never wait on a rank that failed. Restore is bit-exact: tensors are copied back in
+place (the optimizer keeps pointing at the same parameters) and every RNG stream is reset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import nn
+
+
+SnapshotMode = Literal["memory", "disk"]
+SNAPSHOT_MODES: tuple[str, ...] = ("memory", "disk")
 
 
 class Snapshot(Protocol):
@@ -48,49 +64,110 @@ class RNGState:
             torch.cuda.set_rng_state_all(self.torch_cuda)
 
 
-def to_host(obj: Any) -> Any:
-    """A deep copy of ``obj`` with every tensor copied to host memory (CPU)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v) for v in obj)
-    return copy.deepcopy(obj)
+@dataclass(frozen=True)
+class TensorSpec:
+    """Stands in the state tree for a tensor that lives in the store."""
+
+    key: str
 
 
-@dataclass
-class ModuleState:
-    """Parameters, buffers, gradients and train/eval flags of a module, on the host."""
+def split_tensors(tree: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in ``tree`` by a ``TensorSpec``; collect the tensors in ``out``."""
+    if isinstance(tree, torch.Tensor):
+        out[prefix] = tree.detach()
+        return TensorSpec(prefix)
+    if isinstance(tree, dict):
+        return {k: split_tensors(v, f"{prefix}/{k}", out) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(split_tensors(v, f"{prefix}/{i}", out) for i, v in enumerate(tree))
+    return copy.deepcopy(tree)
 
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    training: dict[str, bool] = field(default_factory=dict)
 
-    @classmethod
-    def capture(cls, model: nn.Module) -> ModuleState:
-        state = cls()
-        for name, tensor in _named_tensors(model):
-            state.tensors[name] = to_host(tensor)
-        for name, param in model.named_parameters():
-            state.grads[name] = None if param.grad is None else to_host(param.grad)
-        state.training = {name: m.training for name, m in model.named_modules()}
-        return state
+def join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``split_tensors``."""
+    if isinstance(tree, TensorSpec):
+        return tensors[tree.key]
+    if isinstance(tree, dict):
+        return {k: join_tensors(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(join_tensors(v, tensors) for v in tree)
+    return copy.deepcopy(tree)
 
-    def restore(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for name, tensor in _named_tensors(model):
-                tensor.copy_(self.tensors[name])
-            for name, param in model.named_parameters():
-                saved = self.grads[name]
-                if saved is None:
-                    param.grad = None
-                elif param.grad is None:
-                    param.grad = saved.to(param.device, copy=True)
-                else:
-                    param.grad.copy_(saved)
-        for name, module in model.named_modules():
-            module.training = self.training[name]
+
+class TensorStore(Protocol):
+    """Where a snapshot's tensors live between take and restore."""
+
+    def put(self, tensors: dict[str, torch.Tensor]) -> None: ...
+    def get(self) -> dict[str, torch.Tensor]: ...
+    def clear(self) -> None: ...
+
+
+class HostStore:
+    """Copies in host memory. ``get`` hands out fresh copies, so the snapshot survives restores."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def put(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = {k: t.to("cpu", copy=True) for k, t in tensors.items()}
+
+    def get(self) -> dict[str, torch.Tensor]:
+        return {k: t.clone() for k, t in self._tensors.items()}
+
+    def clear(self) -> None:
+        self._tensors = {}
+
+
+class DiskStore:
+    """This rank's tensors in a torch.distributed.checkpoint directory of its own.
+
+    Save and load run with ``no_dist=True``: no collective, so a rank can restore on its own
+    (an exception on one rank must not wait for the others). The directory is removed by
+    ``clear``.
+
+    Raises (from ``put``):
+        OSError: not enough free space for the snapshot (checked before anything is written).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+
+    def put(self, tensors: dict[str, torch.Tensor]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        parent = self.directory.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(parent).free
+        # Metadata and alignment cost a little on top of the raw bytes; keep a margin.
+        if need * 1.1 + (64 << 20) > free:
+            raise OSError(
+                f"snapshot='disk' needs about {need / 2**30:.2f} GiB in {str(parent)!r} but only "
+                f"{free / 2**30:.2f} GiB is free; set snapshot_dir to a larger disk or use snapshot='memory'"
+            )
+        self._specs = {k: (t.shape, t.dtype) for k, t in tensors.items()}
+        with _single_rank_checkpoint():
+            dcp.save({k: t.cpu() for k, t in tensors.items()}, checkpoint_id=str(self.directory), no_dist=True)
+
+    def get(self) -> dict[str, torch.Tensor]:
+        import torch.distributed.checkpoint as dcp
+
+        tensors = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in self._specs.items()}
+        with _single_rank_checkpoint():
+            dcp.load(tensors, checkpoint_id=str(self.directory), no_dist=True)
+        return tensors
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _single_rank_checkpoint() -> Iterator[None]:
+    # Saving each rank on its own is the point here, not a mistake to warn about.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
 
 
 def _named_tensors(model: nn.Module):
@@ -99,12 +176,13 @@ def _named_tensors(model: nn.Module):
     yield from model.named_buffers()
 
 
-class MemorySnapshot:
-    """This rank's training state, copied to host memory.
+class TrainingSnapshot:
+    """This rank's training state: tensors in a ``TensorStore``, the rest in host memory.
 
     Args:
-        model: the module whose parameters and buffers are saved (the user's module, unwrapped).
+        model: the module whose parameters, buffers and gradients are saved (unwrapped).
         optimizer: its optimizer; state and param-group settings (LR, betas, ...) are saved.
+        store: where the tensors go (``HostStore()`` or ``DiskStore(dir)``).
         lr_scheduler: optional LR scheduler to save and restore.
         grad_scaler: optional AMP ``GradScaler``.
         sampler: optional sampler whose ``epoch`` the sweep advances when it cycles the loader.
@@ -114,21 +192,37 @@ class MemorySnapshot:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
+        store: TensorStore,
         *,
         lr_scheduler: Any | None = None,
         grad_scaler: Any | None = None,
         sampler: Any | None = None,
     ) -> None:
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.store = model, optimizer, store
         self.lr_scheduler, self.grad_scaler, self.sampler = lr_scheduler, grad_scaler, sampler
         self._saved: dict[str, Any] | None = None
 
+    @property
+    def taken(self) -> bool:
+        return self._saved is not None
+
     def take(self) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, tensor in _named_tensors(self.model):
+            tensors[f"model/{name}"] = tensor.detach()
+        grads = {}
+        for name, param in self.model.named_parameters():
+            grads[name] = param.grad is not None
+            if param.grad is not None:
+                tensors[f"grad/{name}"] = param.grad.detach()
+        optimizer_tree = split_tensors(self.optimizer.state_dict(), "optimizer", tensors)
+        self.store.put(tensors)
         self._saved = {
-            "model": ModuleState.capture(self.model),
-            "optimizer": to_host(self.optimizer.state_dict()),
-            "lr_scheduler": None if self.lr_scheduler is None else to_host(self.lr_scheduler.state_dict()),
-            "grad_scaler": None if self.grad_scaler is None else to_host(self.grad_scaler.state_dict()),
+            "grads": grads,
+            "optimizer": optimizer_tree,
+            "training": {name: m.training for name, m in self.model.named_modules()},
+            "lr_scheduler": None if self.lr_scheduler is None else copy.deepcopy(self.lr_scheduler.state_dict()),
+            "grad_scaler": None if self.grad_scaler is None else copy.deepcopy(self.grad_scaler.state_dict()),
             "sampler_epoch": getattr(self.sampler, "epoch", None),
             "rng": RNGState.capture(),
         }
@@ -136,10 +230,21 @@ class MemorySnapshot:
     def restore(self) -> None:
         saved = self._saved
         assert saved is not None, "restore() before take()"
-        saved["model"].restore(self.model)
-        # load_state_dict may keep the tensors it is given, so hand it a copy: the snapshot has
-        # to survive for the next reset().
-        self.optimizer.load_state_dict(to_host(saved["optimizer"]))
+        tensors = self.store.get()
+        with torch.no_grad():
+            for name, tensor in _named_tensors(self.model):
+                tensor.copy_(tensors[f"model/{name}"])
+            for name, param in self.model.named_parameters():
+                if not saved["grads"][name]:
+                    param.grad = None
+                elif param.grad is None:
+                    param.grad = tensors[f"grad/{name}"].to(param.device)
+                else:
+                    param.grad.copy_(tensors[f"grad/{name}"])
+        for name, module in self.model.named_modules():
+            module.training = saved["training"][name]
+        # The store hands out fresh tensors, which load_state_dict may keep as the live state.
+        self.optimizer.load_state_dict(join_tensors(saved["optimizer"], tensors))
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(copy.deepcopy(saved["lr_scheduler"]))
         if self.grad_scaler is not None:
@@ -149,8 +254,5 @@ class MemorySnapshot:
         saved["rng"].restore()
 
     def discard(self) -> None:
+        self.store.clear()
         self._saved = None
-
-    @property
-    def taken(self) -> bool:
-        return self._saved is not None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import RegressionNet, assert_same_bits, fingerprint, regression_data
+from helpers import RegressionNet, assert_same_bits, fingerprint, regression_data
 from distlr import LRFinder
 
 # (find() keyword arguments, exception type, text the message must contain)

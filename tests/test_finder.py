@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from conftest import RegressionNet, assert_same_bits, fingerprint, regression_data, warm_up
+from helpers import RegressionNet, assert_same_bits, fingerprint, regression_data, warm_up
 from distlr import LRFinder, LRFinderResult, NoSuggestionError, find_optimal_lr
 
 
@@ -64,8 +64,9 @@ EXIT_PATHS = {
 }
 
 
+@pytest.mark.parametrize("snapshot", ["memory", "disk"])
 @pytest.mark.parametrize("path", list(EXIT_PATHS))
-def test_state_is_restored_bit_for_bit_on_every_exit_path(path):
+def test_state_is_restored_bit_for_bit_on_every_exit_path(path, snapshot, tmp_path):
     case = EXIT_PATHS[path]
     model, loader, optimizer, scheduler = setup_restore_case()
     wrapped = Faulty(model, at=7, error=case.get("error")) if ("error" in case or case.get("nan")) else model
@@ -73,7 +74,8 @@ def test_state_is_restored_bit_for_bit_on_every_exit_path(path):
     scaler_state = scaler.state_dict()
     sched_state = scheduler.state_dict()
     before = fingerprint(model, optimizer)
-    finder = LRFinder(wrapped, loader, optimizer, nn.MSELoss(), device="cpu", lr_scheduler=scheduler, grad_scaler=scaler)
+    finder = LRFinder(wrapped, loader, optimizer, nn.MSELoss(), device="cpu", lr_scheduler=scheduler,
+                      grad_scaler=scaler, snapshot=snapshot, snapshot_dir=tmp_path / "snap")
     expect = case["expect"]
     if isinstance(expect, type):
         with pytest.raises(expect):
@@ -86,6 +88,7 @@ def test_state_is_restored_bit_for_bit_on_every_exit_path(path):
     assert_same_bits(before, fingerprint(model, optimizer))
     assert scheduler.state_dict() == sched_state
     assert scaler.state_dict() == scaler_state
+    assert not (tmp_path / "snap").exists() or list((tmp_path / "snap").iterdir()) == []
     # The optimizer still steps the model's own parameters after the restore.
     assert optimizer.param_groups[0]["params"][0] is model.body[0].weight
 
@@ -281,3 +284,26 @@ def test_plot_writes_a_png_and_never_overwrites_by_default(regression, tmp_path,
     (tmp_path / "lr_finder.png").write_bytes(b"mine")
     assert finder.plot() == "lr_finder-1.png"
     assert (tmp_path / "lr_finder.png").read_bytes() == b"mine"
+
+
+def test_disk_snapshot_refuses_to_start_without_the_free_space(regression, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    model, loader = regression
+    before = fingerprint(model)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1 << 10))
+    finder = LRFinder(model, loader, criterion=nn.MSELoss(), device="cpu", snapshot="disk", snapshot_dir=tmp_path)
+    with pytest.raises(OSError, match="snapshot='disk' needs about .* GiB .* free"):
+        finder.find(num_steps=5)
+    assert list(tmp_path.iterdir()) == []
+    assert_same_bits(before, fingerprint(model))
+
+
+def test_reset_after_a_disk_snapshot_says_why_it_cannot(regression, tmp_path):
+    model, loader = regression
+    finder = LRFinder(model, loader, criterion=nn.MSELoss(), device="cpu", snapshot="disk", snapshot_dir=tmp_path)
+    finder.find(min_lr=1e-5, max_lr=1e-3, num_steps=5)
+    with pytest.raises(RuntimeError, match="snapshot='memory'"):
+        finder.reset()

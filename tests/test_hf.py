@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import assert_same_bits, fingerprint
+from helpers import assert_same_bits, fingerprint
 from distlr import LRFinder
 
 

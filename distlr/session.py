@@ -1,0 +1,112 @@
+"""The distributed session: who this process is, and the process group if distlr must make it.
+
+Reads the launcher's environment (torchrun: RANK/WORLD_SIZE/LOCAL_RANK; SLURM: SLURM_PROCID/
+SLURM_NTASKS/SLURM_LOCALID) at the moment it is asked, initialises the default process group
+only if the user has not (NCCL with CUDA, gloo on CPU), and tears down only what it created.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from distlr.config import check_choice, resolve_device
+from distlr.distributed import DIST_BACKENDS, DistContext
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 300.0
+"""Collective timeout when distlr makes the process group: a dead rank ends the job in minutes,
+not after torch's default half hour."""
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """Rank layout found in the environment."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str
+
+
+def launch_info() -> LaunchInfo | None:
+    """The torchrun or SLURM rank layout of this process, or None for a plain process.
+
+    Raises:
+        ValueError: an environment variable that should be an integer is not.
+    """
+    env = os.environ
+    try:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return LaunchInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun")
+        if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+            return LaunchInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
+                              int(env["SLURM_NTASKS"]), "slurm")
+    except ValueError as err:
+        raise ValueError(f"malformed launcher environment variable: {err}") from None
+    return None
+
+
+@dataclass
+class Session:
+    """This process's place in the job; ``owns_group`` is True when distlr made the process group."""
+
+    ctx: DistContext
+    owns_group: bool = False
+
+    def close(self) -> None:
+        """Destroy the process group if distlr created it; a user's group is left alone."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
+
+
+def start_session(
+    device: str | torch.device = "auto", *, dist_backend: str = "auto", dist_timeout: float = DEFAULT_TIMEOUT_S
+) -> Session:
+    """Join (or create) the job's process group and pick this rank's device.
+
+    Under torchrun or SLURM with no process group yet, one is created: ``dist_backend="auto"``
+    means NCCL when this rank uses CUDA and gloo otherwise. An existing group is used as is.
+
+    Args:
+        device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``"cpu"``, ...
+        dist_backend: ``"auto"``, ``"nccl"`` or ``"gloo"``.
+        dist_timeout: seconds a collective may wait before the job fails (> 0).
+
+    Raises:
+        ValueError: a bad backend, timeout or device; SLURM without MASTER_ADDR/MASTER_PORT.
+    """
+    check_choice("dist_backend", dist_backend, DIST_BACKENDS)
+    if isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float)) or not dist_timeout > 0:
+        raise ValueError(f"dist_timeout={dist_timeout!r} is not allowed; use a number of seconds > 0")
+    if dist.is_available() and dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        dev = resolve_device(device, local_rank)
+        return Session(DistContext(dist.get_rank(), local_rank, dist.get_world_size(), dev), owns_group=False)
+    info = launch_info()
+    if info is None:
+        return Session(DistContext(device=resolve_device(device, 0)))
+    dev = resolve_device(device, info.local_rank)
+    backend = dist_backend if dist_backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
+    if backend == "nccl" and dev.type != "cuda":
+        raise ValueError(f"dist_backend='nccl' needs CUDA devices but this rank runs on {dev}; use 'gloo' or 'auto'")
+    if info.launcher == "slurm" and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        raise ValueError(
+            "running under SLURM without torchrun needs MASTER_ADDR and MASTER_PORT in the environment "
+            "(see launch/slurm.sbatch)"
+        )
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+    dist.init_process_group(backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(seconds=dist_timeout), **kwargs)
+    if info.rank == 0:
+        logger.info("process group: %s, %d rank(s), timeout %.0f s", backend, info.world_size, dist_timeout)
+    return Session(DistContext(info.rank, info.local_rank, info.world_size, dev), owns_group=True)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from distlr.batch import Criterion, compute_loss, count_items, count_samples, prepare_batch, unwrap
-from distlr.snapshot import Snapshot, TensorStore, TrainingSnapshot
+from distlr.snapshot import DiskStore, HostStore, Snapshot, SnapshotMode, TrainingSnapshot
 
 AmpMode = Literal["no", "bf16", "fp16"]
 AMP_MODES: tuple[str, ...] = ("no", "bf16", "fp16")
@@ -29,7 +30,7 @@ class Backend(Protocol):
 
     def set_lr(self, lr: float) -> None: ...
     def train_step(self, micro_batches: Sequence[Any]) -> torch.Tensor: ...
-    def make_snapshot(self, store: TensorStore, sampler: Any | None) -> Snapshot: ...
+    def make_snapshot(self, mode: SnapshotMode, directory: Path, sampler: Any | None) -> Snapshot: ...
 
 
 def group_lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
@@ -56,6 +57,7 @@ class TorchBackend:
         max_grad_norm: clip the global gradient norm to this before each step (None: no clipping).
         causal_lm: the model is a Hugging Face causal LM (labels can be made from input_ids).
         lr_scheduler: the user's LR scheduler, only saved and restored (the sweep sets the LR).
+        rank: this process's rank (names its disk snapshot).
     """
 
     def __init__(
@@ -70,8 +72,10 @@ class TorchBackend:
         max_grad_norm: float | None = None,
         causal_lm: bool = False,
         lr_scheduler: Any | None = None,
+        rank: int = 0,
     ) -> None:
         self.model, self.optimizer, self.criterion, self.device = model, optimizer, criterion, device
+        self.rank = rank
         self.amp, self.max_grad_norm, self.causal_lm = amp, max_grad_norm, causal_lm
         self.lr_scheduler = lr_scheduler
         if amp == "fp16" and grad_scaler is None:
@@ -143,7 +147,9 @@ class TorchBackend:
         dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def make_snapshot(self, store: TensorStore, sampler: Any | None) -> Snapshot:
+    def make_snapshot(self, mode: SnapshotMode, directory: Path, sampler: Any | None) -> Snapshot:
+        """This rank's state in host memory, or in a DCP directory of its own beside ``directory``."""
+        store = HostStore() if mode == "memory" else DiskStore(directory.with_name(f"{directory.name}-rank{self.rank}"))
         return TrainingSnapshot(
             unwrap(self.model), self.optimizer, store, lr_scheduler=self.lr_scheduler,
             grad_scaler=self.user_grad_scaler, sampler=sampler,

@@ -71,6 +71,28 @@ def prepare_batch(batch: Any, device: torch.device, *, causal_lm: bool, has_crit
     return batch
 
 
+def cast_floating_inputs(batch: Any, dtype: torch.dtype, *, has_criterion: bool) -> Any:
+    """Cast the floating-point model inputs of a batch to ``dtype`` (a bf16/fp16 engine's weights).
+
+    Targets keep their precision: the criterion's ``targets`` and a dict's ``labels``.
+    """
+    if dtype == torch.float32:
+        return batch
+
+    def cast(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(dtype) if value.is_floating_point() else value
+        if isinstance(value, Mapping):
+            return {k: v if k == "labels" else cast(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(v) for v in value)
+        return value
+
+    if has_criterion and isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return type(batch)([*(cast(v) for v in batch[:-1]), batch[-1]])
+    return cast(batch)
+
+
 def count_items(batch: Any, *, causal_lm: bool) -> int:
     """How many things this batch's loss is a mean over: label tokens for LMs, else samples.
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from distlr.config import RunConfig
+from distlr.distributed import DistContext
 
 BYTE_VOCAB = 256
 BUILTIN_MODELS = ("demo", "tiny-gpt", "gpt2-small")
@@ -194,3 +195,22 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=cfg.min_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return kind(params, lr=cfg.min_lr, weight_decay=cfg.weight_decay)
+
+
+def build_trainable(cfg: RunConfig, model: nn.Module, ctx: DistContext) -> tuple[nn.Module, Any, dict | None]:
+    """What the range test runs: ``(model, optimizer, None)``, or with ``--deepspeed`` the
+    engine built from the user's config: ``(engine, None, the config as the user wrote it)``.
+
+    A config with its own ``optimizer`` block keeps it; otherwise ``--optimizer`` is used.
+    """
+    if cfg.deepspeed is None:
+        return model, build_optimizer(cfg, model), None
+    from distlr.ds_backend import build_engine
+    from distlr.dsconfig import load_ds_config
+
+    user = load_ds_config(cfg.deepspeed)
+    optimizer = None if "optimizer" in user else build_optimizer(cfg, model)
+    engine, user, _ = build_engine(model.to(ctx.device), user, optimizer=optimizer, ctx=ctx,
+                                   micro_batch_size=cfg.batch_size, accumulation_steps=cfg.accumulation_steps,
+                                   max_grad_norm=cfg.max_grad_norm, amp=cfg.amp, weight_decay=cfg.weight_decay)
+    return engine, None, user

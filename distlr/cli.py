@@ -17,6 +17,8 @@ resolved config.yaml to --output-dir (default: a new folder under ./distlr-runs)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distlr", description=DESCRIPTION, allow_abbrev=False)
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of the keys below (flags override it)")
+    # The deepspeed launcher passes --local_rank; the rank comes from the environment anyway.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     docs = field_docs(RunConfig)
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
@@ -46,6 +48,7 @@ def parse_cli(argv: list[str] | None = None) -> RunConfig:
         raise ValueError(f"unknown argument {flag!r}{hint} (see distlr --help)")
     values = vars(args)
     config_file = values.pop("config", None)
+    values.pop("local_rank", None)
     merged = load_yaml(config_file) if config_file else {}
     merged.update(values)
     return RunConfig.from_dict(merged, source=f"--config {config_file}" if config_file else "arguments")

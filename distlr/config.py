@@ -184,6 +184,8 @@ class RunConfig:
     """Weight decay of the optimizer."""
     momentum: float = 0.9
     """Momentum (sgd only)."""
+    deepspeed: str | None = None
+    """A DeepSpeed config (JSON) to run under: ZeRO stage, precision, optimizer, batch sizes; "auto" values are filled from this run."""
     # -- the run -----------------------------------------------------------------------------
     device: str = "auto"
     """auto (this rank's GPU if any, else CPU), cpu, cuda or cuda:N."""

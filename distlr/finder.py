@@ -21,16 +21,18 @@ from torch import nn
 
 from distlr import distributed as D
 from distlr.analysis import build_result
-from distlr.backend import AmpMode, TorchBackend
+from distlr.backend import AmpMode, Backend, TorchBackend
 from distlr.batch import Criterion, is_causal_lm
 from distlr.config import check_choice, validate_find_args
 from distlr.data import BatchStream, check_loader, shard_loader
+from distlr.ds_backend import DeepSpeedBackend, build_engine, engine_dtype, is_deepspeed_engine
+from distlr.dsconfig import load_ds_config, total_steps_from, tuned_config
 from distlr.ladder import StepMode, lr_ladder
 from distlr.plot import plot_result
 from distlr.report import ProgressReporter
 from distlr.result import LRFinderResult
 from distlr.session import DEFAULT_TIMEOUT_S, start_session
-from distlr.snapshot import SNAPSHOT_MODES, DiskStore, HostStore, Snapshot, SnapshotMode, TensorStore
+from distlr.snapshot import SNAPSHOT_MODES, Snapshot, SnapshotMode
 from distlr.sweep import run_sweep
 from distlr.tracker import LossTracker
 
@@ -97,6 +99,7 @@ class LRFinder:
         dist_backend: str = "auto",
         dist_timeout: float = DEFAULT_TIMEOUT_S,
         data_seed: int = 0,
+        deepspeed_config: str | Path | dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -106,9 +109,27 @@ class LRFinder:
         if criterion is not None and not callable(criterion):
             raise TypeError(f"criterion must be callable (criterion(output, targets)) or None, got {criterion!r}")
         check_choice("snapshot", snapshot, SNAPSHOT_MODES)
-        self._session = start_session(device, dist_backend=dist_backend, dist_timeout=dist_timeout)
+        use_deepspeed = deepspeed_config is not None or is_deepspeed_engine(model)
+        # DeepSpeed needs a process group even for one process.
+        self._session = start_session(device, dist_backend=dist_backend, dist_timeout=dist_timeout,
+                                      require_group=use_deepspeed)
         self.ctx = self._session.ctx
         self.device = self.ctx.device
+        self._engine: Any | None = None
+        self._ds_config: dict[str, Any] | None = None
+        self._notes: list[str] = []
+        if is_deepspeed_engine(model):
+            self._engine = model
+            self._ds_config = load_ds_config(deepspeed_config) if deepspeed_config is not None else dict(model.config)
+        elif deepspeed_config is not None:
+            self._engine, self._ds_config, self._notes = build_engine(
+                model.to(self.device), deepspeed_config, optimizer=optimizer, ctx=self.ctx,
+                micro_batch_size=getattr(train_dataloader, "batch_size", None))
+        if self._engine is not None:
+            model, optimizer = self._engine.module, self._engine.optimizer
+            if self._engine.lr_scheduler is not None or "scheduler" in self._ds_config:
+                self._notes.append("the DeepSpeed scheduler was set aside for the sweep (the sweep sets the LR); "
+                                   "the tuned config carries a new one")
         self.model = model.to(self.device)
         if optimizer is None:
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -122,7 +143,7 @@ class LRFinder:
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else Path(tempfile.gettempdir())
         # Under DDP every rank trains through the wrapper, which also makes rank 0's weights
         # everyone's (as DDP always does); the user's module stays what is snapshotted.
-        self._train_model = wrap_for_data_parallel(self.model, self.ctx, find_unused_parameters)
+        self._train_model = self._engine or wrap_for_data_parallel(self.model, self.ctx, find_unused_parameters)
         self.train_dataloader = shard_loader(train_dataloader, self.ctx, seed=data_seed)
         self.result: LRFinderResult | None = None
         self._snapshot: Snapshot | None = None
@@ -195,27 +216,39 @@ class LRFinder:
                 step_mode=step_mode, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm, amp=amp,
             )
             _check_run_args(amp=amp, device=self.device, total_steps=total_steps)
+            if self._engine is not None:
+                _check_engine_args(self._engine, amp=amp, max_grad_norm=max_grad_norm,
+                                   accumulation_steps=accumulation_steps)
         except (TypeError, ValueError) as err:
             error = err
         D.raise_if_any_failed(self.ctx, error)  # the same error on every rank, before any step
         ladder = lr_ladder(min_lr, max_lr, num_steps, step_mode)
         causal_lm = is_causal_lm(self.model)
-        backend = TorchBackend(
-            self._train_model, self.optimizer, criterion=self.criterion, device=self.device, amp=amp,
-            grad_scaler=self.grad_scaler, max_grad_norm=max_grad_norm, causal_lm=causal_lm,
-            lr_scheduler=self.lr_scheduler,
-        )
+        backend: Backend
+        if self._engine is not None:
+            backend = DeepSpeedBackend(self._engine, criterion=self.criterion, device=self.device,
+                                       causal_lm=causal_lm, ctx=self.ctx)
+            accumulation_steps = backend.accumulation_steps
+        else:
+            backend = TorchBackend(
+                self._train_model, self.optimizer, criterion=self.criterion, device=self.device, amp=amp,
+                grad_scaler=self.grad_scaler, max_grad_norm=max_grad_norm, causal_lm=causal_lm,
+                lr_scheduler=self.lr_scheduler, rank=self.ctx.rank,
+            )
+        if total_steps is None and self._ds_config is not None:
+            total_steps = total_steps_from(self._ds_config)
         tracker = LossTracker(smooth_factor=smooth_factor, divergence_threshold=divergence_threshold)
         reporter = ProgressReporter(num_steps, bar=progress, log_every=log_every) if self.ctx.is_main else None
         if self._snapshot is not None:
             self._snapshot.discard()
-        snapshot = backend.make_snapshot(self._make_store(), getattr(self.train_dataloader, "sampler", None))
+        snapshot = backend.make_snapshot(self.snapshot_mode, self._snapshot_path(),
+                                         getattr(self.train_dataloader, "sampler", None))
 
         start = time.perf_counter()
         error = None
         try:
             snapshot.take()
-        except OSError as err:
+        except (OSError, ValueError) as err:
             error = err
         D.raise_if_any_failed(self.ctx, error)
         self._snapshot = snapshot
@@ -235,7 +268,7 @@ class LRFinder:
 
         result = None
         if self.ctx.is_main:
-            notes = []
+            notes = list(self._notes)
             if stream.cycled:
                 notes.append(f"train_dataloader was cycled: {stream.epoch} extra epoch(s) to reach {num_steps} steps")
             result = build_result(
@@ -243,6 +276,11 @@ class LRFinder:
                 step_mode=step_mode, world_size=self.ctx.world_size, micro_batch_size=backend.micro_batch_size,
                 accumulation_steps=accumulation_steps, elapsed_s=elapsed, total_steps=total_steps, notes=notes,
             )
+            if self._engine is not None:
+                result.zero_stage = int(self._engine.zero_optimization_stage())
+                if result.optimal_lr is not None and result.schedule is not None:
+                    result.deepspeed_config, ds_notes = tuned_config(self._ds_config, result.optimal_lr, result.schedule)
+                    result.notes.extend(ds_notes)
             logger.info(
                 "suggested lr %s (%s) | %s after %d/%d steps | %.1f s",
                 "none" if result.optimal_lr is None else f"{result.optimal_lr:.3e}", suggestion_method,
@@ -290,12 +328,10 @@ class LRFinder:
             return
         self._snapshot.restore()
 
-    def _make_store(self) -> TensorStore:
-        if self.snapshot_mode == "memory":
-            return HostStore()
-        # Rank 0 names the snapshot and every rank writes its own directory beside the others.
+    def _snapshot_path(self) -> Path:
+        # Rank 0 names the snapshot so that every rank uses the same name.
         name = D.broadcast_object(self.ctx, f"distlr-snapshot-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-        return DiskStore(self.snapshot_dir / f"{name}-rank{self.ctx.rank}")
+        return self.snapshot_dir / name
 
 
 def _check_run_args(*, amp: str, device: torch.device, total_steps: Any) -> None:
@@ -304,6 +340,21 @@ def _check_run_args(*, amp: str, device: torch.device, total_steps: Any) -> None
                          "Use amp='bf16' or amp='no' on the CPU")
     if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
         raise ValueError(f"total_steps={total_steps!r} is not allowed; use None or an int >= 1")
+
+
+def _check_engine_args(engine: Any, *, amp: str, max_grad_norm: float | None, accumulation_steps: int) -> None:
+    # With DeepSpeed the config decides these; a different value in find() would be ignored.
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[engine_dtype(engine)]
+    if amp not in ("no", dtype):
+        raise ValueError(f"amp={amp!r} but the DeepSpeed engine runs {dtype}; set bf16/fp16 in the DeepSpeed config")
+    clipping = engine.gradient_clipping()
+    if max_grad_norm is not None and max_grad_norm != clipping:
+        raise ValueError(f"max_grad_norm={max_grad_norm!r} but the DeepSpeed config has gradient_clipping={clipping}; "
+                         "set gradient_clipping in the DeepSpeed config")
+    gas = engine.gradient_accumulation_steps()
+    if accumulation_steps not in (1, gas):
+        raise ValueError(f"accumulation_steps={accumulation_steps!r} but the DeepSpeed config has "
+                         f"gradient_accumulation_steps={gas}; set it in the DeepSpeed config")
 
 
 def wrap_for_data_parallel(model: nn.Module, ctx: D.DistContext, find_unused_parameters: bool) -> nn.Module:

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 PLOT_FILE = "lr_finder.png"
 CONFIG_FILE = "config.yaml"
-OUTPUTS = (RESULT_FILE, PLOT_FILE, CONFIG_FILE)
+TUNED_DS_FILE = "ds_config.tuned.json"
+OUTPUTS = (RESULT_FILE, PLOT_FILE, CONFIG_FILE, TUNED_DS_FILE)
 
 
 def format_step(index: int, num_steps: int, lr: float, loss: float, smoothed: float) -> str:

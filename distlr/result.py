@@ -59,6 +59,10 @@ class LRFinderResult:
     """Wall time of the sweep, snapshot and restore included."""
     notes: list[str] = field(default_factory=list)
     """Things the user was told during the run (loader cycled, steps skipped, ...)."""
+    zero_stage: int | None = None
+    """The DeepSpeed ZeRO stage the sweep ran under (None without DeepSpeed)."""
+    deepspeed_config: dict[str, Any] | None = None
+    """The user's DeepSpeed config with the suggested lr and a scheduler (ds_config.tuned.json)."""
 
     @property
     def steps_run(self) -> int:

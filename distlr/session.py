@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,11 @@ class Session:
 
 
 def start_session(
-    device: str | torch.device = "auto", *, dist_backend: str = "auto", dist_timeout: float = DEFAULT_TIMEOUT_S
+    device: str | torch.device = "auto",
+    *,
+    dist_backend: str = "auto",
+    dist_timeout: float = DEFAULT_TIMEOUT_S,
+    require_group: bool = False,
 ) -> Session:
     """Join (or create) the job's process group and pick this rank's device.
 
@@ -79,6 +84,8 @@ def start_session(
         device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``"cpu"``, ...
         dist_backend: ``"auto"``, ``"nccl"`` or ``"gloo"``.
         dist_timeout: seconds a collective may wait before the job fails (> 0).
+        require_group: make a one-process group when not launched by torchrun/SLURM (DeepSpeed
+            needs one even then).
 
     Raises:
         ValueError: a bad backend, timeout or device; SLURM without MASTER_ADDR/MASTER_PORT.
@@ -91,8 +98,12 @@ def start_session(
         dev = resolve_device(device, local_rank)
         return Session(DistContext(dist.get_rank(), local_rank, dist.get_world_size(), dev), owns_group=False)
     info = launch_info()
-    if info is None:
+    if info is None and not require_group:
         return Session(DistContext(device=resolve_device(device, 0)))
+    init_method = "env://"
+    if info is None:
+        info = LaunchInfo(0, 0, 1, "single")
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
     dev = resolve_device(device, info.local_rank)
     backend = dist_backend if dist_backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
     if backend == "nccl" and dev.type != "cuda":
@@ -105,8 +116,14 @@ def start_session(
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-    dist.init_process_group(backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size,
+    dist.init_process_group(backend=backend, init_method=init_method, rank=info.rank, world_size=info.world_size,
                             timeout=datetime.timedelta(seconds=dist_timeout), **kwargs)
     if info.rank == 0:
         logger.info("process group: %s, %d rank(s), timeout %.0f s", backend, info.world_size, dist_timeout)
     return Session(DistContext(info.rank, info.local_rank, info.world_size, dev), owns_group=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

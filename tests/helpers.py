@@ -131,3 +131,35 @@ def torchrun(args: list[str], *, nproc: int, timeout: float = 240.0, cwd: Path |
         output += f"\n[test harness] killed after {timeout:.0f} s: the job hung"
         code = -9
     return Launch(code, output, time.monotonic() - start)
+
+
+def engine_digest(engine) -> str:
+    """A hash of what a DeepSpeed engine must get back: this rank's parameter data (its ZeRO-3
+    partition), buffers, the ZeRO optimizer's state (fp32 partitions, moments, scaler) and RNG."""
+    h = hashlib.sha256()
+    stage3 = engine.zero_optimization_stage() == 3
+    for name, p in engine.module.named_parameters():
+        h.update(name.encode())
+        h.update(_bits(p.ds_tensor if stage3 else p).numpy().tobytes())
+    for name, b in engine.module.named_buffers():
+        h.update(_bits(b).numpy().tobytes())
+
+    def walk(node):
+        if isinstance(node, torch.Tensor):
+            h.update(_bits(node.cpu()).numpy().tobytes())
+        elif isinstance(node, dict):
+            for key in sorted(node, key=str):
+                h.update(str(key).encode())
+                walk(node[key])
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+        elif isinstance(node, (int, float, str, bool)) or node is None:
+            h.update(repr(node).encode())
+
+    walk(engine.optimizer.state_dict())
+    h.update(repr((engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps)).encode())
+    h.update(_bits(torch.get_rng_state()).numpy().tobytes())
+    h.update(np.random.get_state()[1].tobytes())
+    h.update(repr(random.getstate()).encode())
+    return h.hexdigest()

@@ -110,15 +110,24 @@ class Launch:
 
 def torchrun(args: list[str], *, nproc: int, timeout: float = 240.0, cwd: Path | None = None,
              env: dict[str, str] | None = None) -> Launch:
-    """Launch ``args`` the way users do, with torchrun (standalone rendezvous, no restarts).
-
-    The whole process group is killed at ``timeout``: a hang is reported as a failure
-    (returncode -9) with everything printed so far, never waited out.
-    """
+    """Launch ``args`` the way users do, with torchrun (standalone rendezvous, no restarts)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--max-restarts=0", "--monitor-interval=0.1", *args]
+    return run_job(cmd, timeout=timeout, cwd=cwd, env=env)
+
+
+def deepspeed_launcher(args: list[str], *, nproc: int, timeout: float = 240.0) -> Launch:
+    """Launch ``args`` with DeepSpeed's own launcher (``deepspeed --num_gpus N ...``)."""
+    script = Path(sys.executable).parent / "deepspeed"
+    return run_job([sys.executable, str(script), f"--num_gpus={nproc}", *args], timeout=timeout)
+
+
+def run_job(cmd: list[str], *, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None) -> Launch:
+    """Run a multi-process job; its whole process group is killed at ``timeout``, so a hang is
+    reported as a failure (returncode -9) with everything printed so far, never waited out."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                 "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

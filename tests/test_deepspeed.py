@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("deepspeed")
 
 from dist_worker import EQUIV, equivalence_run
-from helpers import REPO, torchrun
+from helpers import REPO, deepspeed_launcher, torchrun
 
 pytestmark = pytest.mark.timeout(500)
 WORKER = str(REPO / "tests" / "dist_worker.py")
@@ -129,3 +129,13 @@ def test_shipped_zero_configs_run_under_torchrun_and_write_the_tuned_config(tmp_
     assert tuned["scheduler"]["type"] == "WarmupCosineLR" and tuned["scheduler"]["params"]["total_num_steps"] == 2000
     assert tuned["zero_optimization"] == json.loads(original)["zero_optimization"]
     assert ds_file.read_bytes() == original  # the user's config is only read
+
+
+def test_the_deepspeed_launcher_runs_distlr_as_a_module(tmp_path):
+    out = tmp_path / "run"
+    launch = deepspeed_launcher(["--module", "distlr", "--config", "configs/zero2.yaml", "--num-steps", "20",
+                                 "--no-progress", "--output-dir", str(out)], nproc=2)
+    assert launch.returncode == 0, launch.explain()
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["zero_stage"] == 2
+    assert (out / "ds_config.tuned.json").exists()

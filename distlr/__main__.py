@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=f"`torch.distributed.{name}` is deprecated", category=FutureWarning)
 
     session = start_session(cfg.device, dist_backend=cfg.dist_backend, dist_timeout=cfg.dist_timeout,
-                            require_group=cfg.deepspeed is not None)
+                            for_deepspeed=cfg.deepspeed is not None)
     ctx = session.ctx
     try:
         _seed_everything(cfg.seed)

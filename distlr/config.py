@@ -236,6 +236,8 @@ class RunConfig:
             raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed; use a number >= 0")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum={self.momentum!r} is not allowed; use a number in [0, 1)")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise ValueError(f"deepspeed={self.deepspeed!r}: no such file (a DeepSpeed config JSON)")
         if self.device != "auto":
             if not (self.device in ("cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
                 raise ValueError(f"device={self.device!r} is not supported; allowed: {', '.join(DEVICE_CHOICES)}")

@@ -7,6 +7,8 @@ process group. Flags travel as int tensors (NCCL reduces no bools).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +39,34 @@ class DistContext:
         return self.world_size > 1
 
 
-def all_reduce_step_stats(ctx: DistContext, stats: torch.Tensor) -> list[float]:
+class CollectiveError(RuntimeError):
+    """A collective of the sweep failed: another rank died, hung past the timeout, or left."""
+
+
+_TRANSPORT_MARKS = ("gloo", "NCCL", "Timed out", "timed out", "Connection closed", "Connection reset")
+
+
+@contextlib.contextmanager
+def named_failure(ctx: DistContext, what: str, step: int) -> Iterator[None]:
+    """Turn a communication failure inside the block into a ``CollectiveError`` that says which
+    rank was waiting, for what, at which step, and where to look.
+
+    gloo and NCCL report a dead or stalled peer as a bare transport error. Only such errors are
+    renamed (``torch.distributed.DistError``, or a RuntimeError from gloo/NCCL); an exception of
+    the model's own passes through untouched.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        if not ctx.distributed or not (isinstance(err, dist.DistError) or any(m in str(err) for m in _TRANSPORT_MARKS)):
+            raise
+        raise CollectiveError(
+            f"rank {ctx.rank}: the {what} of step {step} failed; another rank died, hung past the "
+            f"collective timeout or left the sweep (look for its own error above): {err}"
+        ) from err
+
+
+def all_reduce_step_stats(ctx: DistContext, stats: torch.Tensor, step: int = 0) -> list[float]:
     """Sum this step's packed statistics over all ranks and bring them to the host.
 
     ``stats`` is one float tensor (weighted loss sum, item count, flags) so the whole step costs
@@ -45,17 +74,28 @@ def all_reduce_step_stats(ctx: DistContext, stats: torch.Tensor) -> list[float]:
     same order.
     """
     if ctx.distributed:
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        with named_failure(ctx, "all-reduce of the loss", step):
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
     return stats.tolist()
 
 
-def broadcast_stop(ctx: DistContext, code: int) -> int:
+def broadcast_stop(ctx: DistContext, code: int, step: int = 0) -> int:
     """Rank 0's stop code, on every rank. Collective: every rank must call this, in the same order."""
     if not ctx.distributed:
         return code
     flag = torch.tensor([code], dtype=torch.int32, device=ctx.device)
-    dist.broadcast(flag, src=0)
+    with named_failure(ctx, "stop-decision broadcast", step):
+        dist.broadcast(flag, src=0)
     return int(flag.item())
+
+
+def any_rank(ctx: DistContext, flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any. Collective: every rank must call this, in the same order."""
+    if not ctx.distributed:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=ctx.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def broadcast_object(ctx: DistContext, obj: Any) -> Any:

@@ -101,20 +101,35 @@ class LRFinder:
         data_seed: int = 0,
         deepspeed_config: str | Path | dict[str, Any] | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_loader(train_dataloader)
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        if criterion is not None and not callable(criterion):
-            raise TypeError(f"criterion must be callable (criterion(output, targets)) or None, got {criterion!r}")
-        check_choice("snapshot", snapshot, SNAPSHOT_MODES)
-        use_deepspeed = deepspeed_config is not None or is_deepspeed_engine(model)
         # DeepSpeed needs a process group even for one process.
+        use_deepspeed = deepspeed_config is not None or is_deepspeed_engine(model)
         self._session = start_session(device, dist_backend=dist_backend, dist_timeout=dist_timeout,
-                                      require_group=use_deepspeed)
+                                      for_deepspeed=use_deepspeed)
         self.ctx = self._session.ctx
         self.device = self.ctx.device
+        try:
+            error = None
+            try:
+                _check_constructor_args(model, train_dataloader, optimizer, criterion, snapshot)
+            except (TypeError, ValueError) as err:
+                error = err
+            # The same error on every rank, before any rank enters DDP's or DeepSpeed's collectives.
+            D.raise_if_any_failed(self.ctx, error)
+            self._setup(model, train_dataloader, optimizer, criterion, deepspeed_config=deepspeed_config,
+                        find_unused_parameters=find_unused_parameters, data_seed=data_seed)
+        except BaseException:
+            self._session.close()
+            raise
+        self.lr_scheduler, self.grad_scaler = lr_scheduler, grad_scaler
+        self.snapshot_mode: SnapshotMode = snapshot
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else Path(tempfile.gettempdir())
+        self.result: LRFinderResult | None = None
+        self._snapshot: Snapshot | None = None
+
+    def _setup(self, model: nn.Module, loader: Iterable[Any], optimizer: torch.optim.Optimizer | None,
+               criterion: Criterion | None, *, deepspeed_config: Any, find_unused_parameters: bool,
+               data_seed: int) -> None:
+        """The model to train (DDP wrapper or DeepSpeed engine), its optimizer, the sharded loader."""
         self._engine: Any | None = None
         self._ds_config: dict[str, Any] | None = None
         self._notes: list[str] = []
@@ -124,32 +139,26 @@ class LRFinder:
         elif deepspeed_config is not None:
             self._engine, self._ds_config, self._notes = build_engine(
                 model.to(self.device), deepspeed_config, optimizer=optimizer, ctx=self.ctx,
-                micro_batch_size=getattr(train_dataloader, "batch_size", None))
+                micro_batch_size=getattr(loader, "batch_size", None))
         if self._engine is not None:
             model, optimizer = self._engine.module, self._engine.optimizer
             if self._engine.lr_scheduler is not None or "scheduler" in self._ds_config:
                 self._notes.append("the DeepSpeed scheduler was set aside for the sweep (the sweep sets the LR); "
                                    "the tuned config carries a new one")
         self.model = model.to(self.device)
-        if optimizer is None:
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            if not trainable:
-                raise ValueError("model has no trainable parameters (every requires_grad is False)")
-            optimizer = torch.optim.AdamW(trainable)
-        self.optimizer = optimizer
+        self.optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
         self.criterion = criterion
-        self.lr_scheduler, self.grad_scaler = lr_scheduler, grad_scaler
-        self.snapshot_mode: SnapshotMode = snapshot
-        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else Path(tempfile.gettempdir())
         # Under DDP every rank trains through the wrapper, which also makes rank 0's weights
         # everyone's (as DDP always does); the user's module stays what is snapshotted.
         self._train_model = self._engine or wrap_for_data_parallel(self.model, self.ctx, find_unused_parameters)
-        self.train_dataloader = shard_loader(train_dataloader, self.ctx, seed=data_seed)
-        self.result: LRFinderResult | None = None
-        self._snapshot: Snapshot | None = None
+        self.train_dataloader = shard_loader(loader, self.ctx, seed=data_seed)
 
     def close(self) -> None:
-        """Remove a disk snapshot and end the process group if distlr created it."""
+        """Remove a disk snapshot and end the process group if distlr created it.
+
+        A group made for DeepSpeed is kept: DeepSpeed holds on to it in module globals, and a
+        later engine in this process would break on a new one.
+        """
         if self._snapshot is not None and self.snapshot_mode == "disk":
             self._snapshot.discard()
             self._snapshot = None
@@ -265,12 +274,13 @@ class LRFinder:
                 snapshot.discard()
                 self._snapshot = None
         elapsed = time.perf_counter() - start
+        cycled = D.any_rank(self.ctx, stream.cycled)  # shards may differ in length between ranks
 
         result = None
         if self.ctx.is_main:
             notes = list(self._notes)
-            if stream.cycled:
-                notes.append(f"train_dataloader was cycled: {stream.epoch} extra epoch(s) to reach {num_steps} steps")
+            if cycled:
+                notes.append(f"train_dataloader ran out before {num_steps} steps and was cycled (new epochs)")
             result = build_result(
                 history, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, suggestion_method=suggestion_method,
                 step_mode=step_mode, world_size=self.ctx.world_size, micro_batch_size=backend.micro_batch_size,
@@ -332,6 +342,19 @@ class LRFinder:
         # Rank 0 names the snapshot so that every rank uses the same name.
         name = D.broadcast_object(self.ctx, f"distlr-snapshot-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         return self.snapshot_dir / name
+
+
+def _check_constructor_args(model: Any, loader: Any, optimizer: Any, criterion: Any, snapshot: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_loader(loader)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if optimizer is None and not is_deepspeed_engine(model) and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters (every requires_grad is False)")
+    if criterion is not None and not callable(criterion):
+        raise TypeError(f"criterion must be callable (criterion(output, targets)) or None, got {criterion!r}")
+    check_choice("snapshot", snapshot, SNAPSHOT_MODES)
 
 
 def _check_run_args(*, amp: str, device: torch.device, total_steps: Any) -> None:

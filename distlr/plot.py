@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 
 from distlr.result import LRFinderResult
@@ -49,7 +51,15 @@ def plot_result(
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     path = Path(output_path)
-    fig.savefig(path)
+    # Through a temp file and a rename: an interrupted save never leaves half a PNG behind.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

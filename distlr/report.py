@@ -111,9 +111,13 @@ def new_output_dir(requested: str | None, *, overwrite: bool, root: str | Path =
             )
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(f"output_dir={str(path)!r} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"output_dir={str(path)!r} cannot be created ({err.strerror or err}); choose a writable "
+                      "--output-dir") from None
     if not os.access(path, os.W_OK):
-        raise PermissionError(f"output_dir={str(path)!r} is not writable")
+        raise PermissionError(f"output_dir={str(path)!r} is not writable; choose a writable --output-dir")
     return path
 
 

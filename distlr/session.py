@@ -60,10 +60,13 @@ class Session:
 
     ctx: DistContext
     owns_group: bool = False
+    keep_group: bool = False
+    """Never destroy the group: DeepSpeed keeps references to it in module globals, and a new
+    group would break every later engine in this process."""
 
     def close(self) -> None:
         """Destroy the process group if distlr created it; a user's group is left alone."""
-        if self.owns_group and dist.is_initialized():
+        if self.owns_group and not self.keep_group and dist.is_initialized():
             dist.destroy_process_group()
         self.owns_group = False
 
@@ -73,7 +76,7 @@ def start_session(
     *,
     dist_backend: str = "auto",
     dist_timeout: float = DEFAULT_TIMEOUT_S,
-    require_group: bool = False,
+    for_deepspeed: bool = False,
 ) -> Session:
     """Join (or create) the job's process group and pick this rank's device.
 
@@ -84,8 +87,8 @@ def start_session(
         device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``"cpu"``, ...
         dist_backend: ``"auto"``, ``"nccl"`` or ``"gloo"``.
         dist_timeout: seconds a collective may wait before the job fails (> 0).
-        require_group: make a one-process group when not launched by torchrun/SLURM (DeepSpeed
-            needs one even then).
+        for_deepspeed: the session serves DeepSpeed: a one-process group is made even without a
+            launcher (DeepSpeed needs one), and a group distlr makes is kept (see ``keep_group``).
 
     Raises:
         ValueError: a bad backend, timeout or device; SLURM without MASTER_ADDR/MASTER_PORT.
@@ -98,7 +101,7 @@ def start_session(
         dev = resolve_device(device, local_rank)
         return Session(DistContext(dist.get_rank(), local_rank, dist.get_world_size(), dev), owns_group=False)
     info = launch_info()
-    if info is None and not require_group:
+    if info is None and not for_deepspeed:
         return Session(DistContext(device=resolve_device(device, 0)))
     init_method = "env://"
     if info is None:
@@ -120,7 +123,8 @@ def start_session(
                             timeout=datetime.timedelta(seconds=dist_timeout), **kwargs)
     if info.rank == 0:
         logger.info("process group: %s, %d rank(s), timeout %.0f s", backend, info.world_size, dist_timeout)
-    return Session(DistContext(info.rank, info.local_rank, info.world_size, dev), owns_group=True)
+    return Session(DistContext(info.rank, info.local_rank, info.world_size, dev), owns_group=True,
+                   keep_group=for_deepspeed)
 
 
 def _free_port() -> int:

@@ -59,8 +59,13 @@ def run_sweep(
     while index < len(ladder):
         lr = ladder[index]
         backend.set_lr(lr)
-        stats = D.all_reduce_step_stats(ctx, backend.train_step(stream.take(accumulation_steps)))
-        if stats[SKIPPED] > 0:
+        with D.named_failure(ctx, "training step (its gradient all-reduce)", index):
+            local = backend.train_step(stream.take(accumulation_steps))
+        stats = D.all_reduce_step_stats(ctx, local, index)
+        non_finite = stats[NON_FINITE] > 0
+        # A step skipped for overflow is retried, but a non-finite loss is divergence even when
+        # the optimizer skipped that step (DeepSpeed skips on NaN gradients).
+        if stats[SKIPPED] > 0 and not non_finite:
             history.skipped_steps += 1
             skipped_in_a_row += 1
             if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
@@ -70,7 +75,6 @@ def run_sweep(
                 )
             continue  # same LR again with the next batch: a skipped step is no point on the curve
         skipped_in_a_row = 0
-        non_finite = stats[NON_FINITE] > 0
         loss = math.nan if non_finite else stats[LOSS_SUM] / stats[ITEMS]
         code = D.CONTINUE
         if ctx.is_main:
@@ -81,7 +85,7 @@ def run_sweep(
                 code = D.STOP_DIVERGED
             if reporter is not None:
                 reporter.step(index, lr, loss, tracker.smoothed[-1])
-        code = D.broadcast_stop(ctx, code)
+        code = D.broadcast_stop(ctx, code, index)
         history.lrs.append(lr)
         history.losses.append(loss)
         if code != D.CONTINUE:

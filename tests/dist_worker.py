@@ -11,9 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
+import random
+
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -50,19 +55,33 @@ def equivalence_run(batch_size: int) -> dict:
     return finder.find(**EQUIV).to_dict()
 
 
-class Faulty(nn.Module):
-    """Passes through to ``inner``; on rank ``rank`` at forward call ``at``: NaN output or a raise."""
+class Boom(Exception):
+    """The exception the matrix injects into the model."""
 
-    def __init__(self, inner: nn.Module, *, rank: int, at: int, mode: str) -> None:
+
+class Faulty(nn.Module):
+    """Passes through to ``inner``; at forward call ``at``, on ``rank`` (None: every rank), it
+    raises (``"raise"``: RuntimeError, ``"boom"``: Boom, ``"interrupt"``: KeyboardInterrupt),
+    returns NaN (``"nan"``) or kills its own process (``"sigkill"``)."""
+
+    def __init__(self, inner: nn.Module, *, rank: int | None, at: int, mode: str) -> None:
         super().__init__()
         self.inner, self.rank, self.at, self.mode, self.calls = inner, rank, at, mode, 0
 
     def forward(self, x):
         self.calls += 1
         out = self.inner(x)
-        if RANK == self.rank and self.calls == self.at:
+        if (self.rank is None or RANK == self.rank) and self.calls == self.at:
             if self.mode == "raise":
                 raise RuntimeError(f"injected failure on rank {RANK} at forward call {self.calls}")
+            if self.mode == "boom":
+                raise Boom(f"injected failure at forward call {self.calls}")
+            if self.mode == "interrupt":
+                raise KeyboardInterrupt
+            if self.mode == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.mode == "stall":
+                time.sleep(600)
             return out * math.nan
         return out
 
@@ -87,41 +106,79 @@ def scenario_injected() -> dict:
     return {"result": result.to_dict(), "local": local}
 
 
-def _restore_case(snapshot: str, out: Path, *, nan_at: int | None = None) -> dict:
-    torch.manual_seed(0)
-    inner = RegressionNet()
-    model = Faulty(inner, rank=1, at=nan_at, mode="nan") if nan_at else inner
-    loader = DataLoader(regression_data(), batch_size=16, shuffle=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    warm_up(inner, optimizer, loader)  # the optimizer has moments and step counts to restore
-    snap_dir = out / f"snapshots-{snapshot}"
-    finder = keep(LRFinder(model, loader, optimizer, nn.MSELoss(), device="cpu", snapshot=snapshot,
-                           snapshot_dir=snap_dir))
-    torch.manual_seed(100 + RANK)  # a rank-specific RNG state to come back to
-    before = state_digest(inner, optimizer)
-    result = finder.find(min_lr=1e-5, max_lr=1e-2, num_steps=12)
-    after = state_digest(inner, optimizer)
-    left = sorted(os.listdir(snap_dir)) if snap_dir.exists() else []
-    return {"result": result.to_dict(), "before": before, "after": after, "left_on_disk": left}
-
-
-def scenario_restore_memory(out: Path) -> dict:
-    return _restore_case("memory", out)
-
-
-def scenario_restore_disk(out: Path) -> dict:
-    return _restore_case("disk", out)
-
-
-def scenario_nan(out: Path) -> dict:
-    return _restore_case("memory", out, nan_at=6)
-
-
 def scenario_raise() -> dict:
     model = Faulty(mlp(), rank=1, at=3, mode="raise")
     loader = DataLoader(regression_data(n=1536), batch_size=8)
     keep(LRFinder(model, loader, criterion=mse, device="cpu")).find(min_lr=1e-4, max_lr=1e-2, num_steps=20)
     return {}
+
+
+def scenario_fault(mode: str, timeout: str = "300") -> dict:
+    """Rank 1 fails at its third forward: ``sigkill`` kills it, ``stall`` hangs it."""
+    model = Faulty(mlp(), rank=1, at=3, mode=mode)
+    loader = DataLoader(regression_data(n=1536), batch_size=8)
+    keep(LRFinder(model, loader, criterion=mse, device="cpu", dist_timeout=float(timeout))).find(
+        min_lr=1e-4, max_lr=1e-2, num_steps=20)
+    return {}
+
+
+def scenario_short_shard() -> dict:
+    """Rank 0 reads 20 batches, rank 1 only 3 (a loader distlr cannot re-shard): no hang."""
+    batches = list(DataLoader(regression_data(n=1536), batch_size=8))
+    mine = batches[:20] if RANK == 0 else batches[20:23]
+    model = mlp()
+    finder = keep(LRFinder(model, mine, torch.optim.SGD(model.parameters(), lr=0.1), mse, device="cpu"))
+    return finder.find(min_lr=1e-4, max_lr=1e-1, num_steps=12).to_dict()
+
+
+def scenario_bad_inputs(out: Path) -> dict:
+    """Every rank tries the same bad inputs (and some that are bad on rank 1 only); each must
+    fail before any training step, with the same error on every rank, and nothing may hang."""
+    import logging
+
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("distlr").addHandler(handler)
+    loader = DataLoader(regression_data(n=256), batch_size=8)
+    bad_json = out / "bad.json"
+    if RANK == 0:
+        bad_json.write_text('{"zero_optimization": {"stage": 1},}')
+
+    def finder(**kwargs):
+        model = mlp()
+        return keep(LRFinder(model, loader, kwargs.pop("optimizer", torch.optim.SGD(model.parameters(), lr=0.1)),
+                             kwargs.pop("criterion", mse), device="cpu", **kwargs))
+
+    small = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1},
+             "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+    cases = {
+        "find_min_lr": lambda: finder().find(min_lr=-1.0),
+        "find_num_steps_on_rank1": lambda: finder().find(num_steps=1 if RANK == 1 else 10),
+        "criterion_on_rank1": lambda: finder(criterion="mse" if RANK == 1 else mse),
+        "ds_missing_file": lambda: finder(optimizer=None, deepspeed_config="missing/ds_config.json"),
+        "ds_bad_json": lambda: finder(optimizer=None, deepspeed_config=str(bad_json)),
+        "ds_auto_unresolved": lambda: finder(optimizer=None, deepspeed_config={
+            "zero_optimization": {"stage": 1, "reduce_bucket_size": "auto"}}),
+        "ds_optimizer_type": lambda: finder(optimizer=None, deepspeed_config={**small, "optimizer": {"type": "Lamb"}}),
+        "ds_accumulation": lambda: finder(optimizer=None, deepspeed_config=small).find(accumulation_steps=4),
+        "ds_amp": lambda: finder(optimizer=None, deepspeed_config=small).find(amp="bf16"),
+        "ds_clipping": lambda: finder(optimizer=None, deepspeed_config=small).find(max_grad_norm=0.5),
+        "ds_misspelled_key": lambda: finder(optimizer=None, deepspeed_config={**small, "gradient_cliping": 1.0}),
+    }
+    if dist.is_initialized():
+        dist.barrier()
+    record = {}
+    for name, case in cases.items():
+        try:
+            case()
+            record[name] = None
+        except Exception as err:  # noqa: BLE001 - the error is what is recorded
+            record[name] = f"{type(err).__name__}: {err}"
+    record["warnings"] = warnings
+    # After all that, the ranks are still in step: a normal sweep works and agrees.
+    record["after"] = finder().find(**EQUIV).to_dict()
+    return record
 
 
 def scenario_user_group_and_sampler() -> dict:
@@ -158,45 +215,6 @@ def scenario_ds_curve(stage: str) -> dict:
     config = ds_config(int(stage), gradient_clipping=0.0)
     finder = keep(LRFinder(model, loader, criterion=mse, device="cpu", deepspeed_config=config))
     return finder.find(**EQUIV).to_dict()
-
-
-def scenario_ds_restore(out: Path, stage: str, dtype: str, snapshot: str) -> dict:
-    """ZeRO-N with optimizer state (momentum), fp32 or bf16, memory or disk snapshot."""
-    import deepspeed
-
-    torch.manual_seed(0)
-    # No BatchNorm here: DeepSpeed's bf16 mode leaves its running stats in fp32 and the forward fails.
-    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 1))
-    config = ds_config(int(stage), bf16=dtype == "bf16",
-                       optimizer={"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9}})
-    loader = DataLoader(regression_data(), batch_size=8, shuffle=True)
-    snap_dir = out / f"ds-{stage}-{dtype}-{snapshot}"
-    finder = keep(LRFinder(model, loader, criterion=mse_any, device="cpu", deepspeed_config=config,
-                           snapshot=snapshot, snapshot_dir=snap_dir))
-    engine = finder._engine
-    for x, y in list(loader)[:3]:  # a few real steps: momentum buffers and counters to restore
-        loss = mse_any(engine(x.to(engine_dtype(engine))), y)
-        engine.backward(loss)
-        engine.step()
-    torch.manual_seed(100 + RANK)
-    before = engine_digest(engine)
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        full_before = [p.detach().clone() for p in engine.module.parameters()]
-    result = finder.find(min_lr=1e-4, max_lr=1.0, num_steps=10)
-    after = engine_digest(engine)
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        full_same = all(torch.equal(a, p) for a, p in zip(full_before, engine.module.parameters()))
-    left = sorted(os.listdir(snap_dir)) if snap_dir.exists() else []
-    return {"result": result.to_dict(), "before": before, "after": after, "full_same": full_same,
-            "left_on_disk": left, "optimizer": type(engine.optimizer).__name__}
-
-
-def mse_any(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return nn.functional.mse_loss(out.float().squeeze(-1), y.float())
-
-
-def engine_dtype(engine) -> torch.dtype:
-    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
 
 def scenario_ds_gpt2_zero3() -> dict:
@@ -285,6 +303,74 @@ def scenario_ds_user_engine() -> dict:
             "same_scheduler": engine.lr_scheduler is scheduler,
             "scheduler_state_same": dict(scheduler.state_dict()) == sched_before,
             "lr_same": engine.get_lr() == lr_before}
+
+
+MATRIX_EXITS = ("normal_end", "divergence", "exception", "keyboard_interrupt", "nan_one_rank")
+MATRIX_BACKENDS = ("single", "ddp", "zero1", "zero2", "zero3")
+MATRIX_SNAPSHOTS = ("memory", "disk")
+FAULTS = {"exception": "boom", "keyboard_interrupt": "interrupt", "nan_one_rank": "nan"}
+
+
+def scenario_matrix(out: Path, backend: str, exit_path: str, snapshot: str) -> dict:
+    """One cell of the restore matrix: train a little, snapshot-sweep-restore, compare bits.
+
+    The state compared: parameters, buffers (BatchNorm), gradients, optimizer state and
+    param-group settings (two groups), LR scheduler, GradScaler, DeepSpeed partitions and
+    counters, and the Python, NumPy and torch RNG streams (seeded per rank).
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    torch.manual_seed(0)
+    inner = RegressionNet()
+    fault = FAULTS.get(exit_path)
+    # Exceptions hit every rank on the same step; NaN hits one rank only (the last).
+    fault_rank = world - 1 if exit_path == "nan_one_rank" else None
+    model = Faulty(inner, rank=fault_rank, at=7, mode=fault) if fault else inner
+    loader = DataLoader(regression_data(), batch_size=8, shuffle=True)
+    snap_dir = out / f"matrix-{backend}-{exit_path}-{snapshot}"
+    if backend in ("single", "ddp"):
+        optimizer = torch.optim.AdamW([
+            {"params": inner.body[0].parameters(), "lr": 1e-3},
+            {"params": list(inner.body[1].parameters()) + list(inner.body[4].parameters()), "lr": 5e-4,
+             "betas": (0.8, 0.9)},
+        ])
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+        warm_up(inner, optimizer, loader)
+        scheduler.step()
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        inner.eval()  # the sweep trains; the user's eval mode must come back
+        finder = keep(LRFinder(model, loader, optimizer, nn.MSELoss(), device="cpu", lr_scheduler=scheduler,
+                               grad_scaler=scaler, snapshot=snapshot, snapshot_dir=snap_dir))
+
+        def digest() -> str:
+            return state_digest(inner, optimizer) + repr(scheduler.state_dict()) + repr(scaler.state_dict())
+    else:
+        config = ds_config(int(backend[-1]), optimizer={"type": "AdamW", "params": {"lr": 1e-3}})
+        finder = keep(LRFinder(model, loader, criterion=nn.MSELoss(), device="cpu", deepspeed_config=config,
+                               snapshot=snapshot, snapshot_dir=snap_dir))
+        engine = finder._engine
+        for x, y in list(loader)[:3]:
+            engine.backward(nn.functional.mse_loss(engine(x), y))
+            engine.step()
+        inner.eval()
+
+        def digest() -> str:
+            return engine_digest(engine) + repr([m.training for m in inner.modules()])
+    if fault:
+        model.calls = 0
+    torch.manual_seed(100 + RANK)
+    np.random.seed(100 + RANK)
+    random.seed(100 + RANK)
+    before = digest()
+    max_lr = 1e3 if exit_path == "divergence" else 1e-2
+    try:
+        result = finder.find(min_lr=1e-5, max_lr=max_lr, num_steps=12, smooth_factor=0.5).to_dict()
+        outcome = result["stop_reason"]
+    except (Boom, KeyboardInterrupt) as err:
+        result, outcome = None, type(err).__name__
+    if dist.is_initialized():
+        dist.barrier()  # every rank has cleaned up before anyone looks
+    return {"before": before, "after": digest(), "outcome": outcome, "result": result,
+            "left_on_disk": sorted(os.listdir(snap_dir)) if snap_dir.exists() else []}
 
 
 def main() -> None:

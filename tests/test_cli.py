@@ -71,10 +71,17 @@ def test_default_output_dirs_are_new_each_run(tmp_path, monkeypatch):
         (["--lr-max", "1"], ["--lr-max", "did you mean"]),
         (["--model", "no/such/dir"], ["model='no/such/dir'"]),
         (["--data", "missing.txt"], ["data='missing.txt'"]),
+        (["--deepspeed", "no/ds.json"], ["deepspeed='no/ds.json': no such file"]),
+        (["--output-dir", "/proc/distlr-out"], ["output_dir='/proc/distlr-out' cannot be created"]),
+        (["--output-dir", "{file}"], ["exists and is not a directory"]),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, argv, words):
-    assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 2
+    (tmp_path / "a-file").write_text("mine")
+    argv = [a.replace("{file}", str(tmp_path / "a-file")) for a in argv]
+    if "--output-dir" not in argv:
+        argv += ["--output-dir", str(tmp_path / "o")]
+    assert main([*FAST, *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("distlr: error:")
     for word in words:

@@ -21,13 +21,12 @@ from helpers import REPO, deepspeed_launcher, torchrun
 pytestmark = pytest.mark.timeout(500)
 WORKER = str(REPO / "tests" / "dist_worker.py")
 STAGES = ["1", "2", "3"]
-RESTORE = [f"{stage}:{dtype}:{mode}" for stage in STAGES for dtype in ("fp32", "bf16") for mode in ("memory", "disk")]
 
 
 @pytest.fixture(scope="module")
 def ds_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    scenarios = [f"ds_curve:{s}" for s in STAGES] + [f"ds_restore:{r}" for r in RESTORE] + ["ds_gpt2_zero3", "ds_auto", "ds_user_engine"]
+    scenarios = [f"ds_curve:{s}" for s in STAGES] + ["ds_gpt2_zero3", "ds_auto", "ds_user_engine"]
     launch = torchrun([WORKER, str(out), *scenarios], nproc=2, timeout=420)
     assert launch.returncode == 0, launch.explain()
     return out
@@ -54,19 +53,6 @@ def test_zero_stage_records_the_ddp_curve_and_stops_on_the_same_step(ds_run, ddp
     # ZeRO reduce-scatters fp32 gradients in a different order than DDP's all-reduce: agreement
     # to 1e-4 relative over the whole curve before divergence.
     assert result["losses"][:k] == pytest.approx(ddp_reference["losses"][:k], rel=1e-4)
-
-
-@pytest.mark.parametrize("spec", RESTORE)
-def test_zero_state_is_restored_bit_for_bit(ds_run, spec):
-    ranks = read(ds_run, f"ds_restore:{spec}")
-    stage = int(spec.split(":")[0])
-    assert ranks[0]["before"] != ranks[1]["before"]  # each rank holds its own partition and RNG
-    for record in ranks:
-        assert record["after"] == record["before"], "partitions, optimizer state, counters or RNG differ"
-        assert record["full_same"], "the gathered parameters differ"
-        assert record["left_on_disk"] == []
-        assert record["result"]["zero_stage"] == stage
-    assert ranks[0]["result"] == ranks[1]["result"]
 
 
 def test_hf_gpt2_under_zero3_is_initialised_partitioned_and_restored(ds_run):

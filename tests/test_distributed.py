@@ -27,7 +27,7 @@ def read(out: Path, scenario: str, world: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    launch = torchrun([WORKER, str(out), "equivalence", "injected", "restore_memory", "restore_disk", "nan"], nproc=2)
+    launch = torchrun([WORKER, str(out), "equivalence", "injected", "short_shard"], nproc=2)
     assert launch.returncode == 0, launch.explain()
     return out
 
@@ -73,26 +73,6 @@ def test_rank_dependent_losses_are_averaged_and_every_rank_agrees(two_ranks):
     assert len(results[0]["smoothed_losses"]) == len(results[0]["losses"]) == 15
 
 
-def test_nan_on_one_rank_stops_every_rank_on_that_step_and_restores(two_ranks):
-    ranks = read(two_ranks, "nan", 2)
-    for record in ranks:
-        result = record["result"]
-        assert result["stop_reason"] == "non_finite" and result["diverged_at"] == 5
-        assert len(result["losses"]) == 6 and result["losses"][-1] is None
-        assert record["after"] == record["before"]
-    assert ranks[0]["result"] == ranks[1]["result"]
-
-
-@pytest.mark.parametrize("mode", ["memory", "disk"])
-def test_each_rank_gets_its_own_state_back_bit_for_bit(two_ranks, mode):
-    ranks = read(two_ranks, f"restore_{mode}", 2)
-    assert ranks[0]["before"] != ranks[1]["before"]  # the ranks' states differ (RNG), each comes back
-    for record in ranks:
-        assert record["after"] == record["before"]
-        assert record["left_on_disk"] == []  # a disk snapshot is removed once restored
-    assert ranks[0]["result"] == ranks[1]["result"]
-
-
 def test_distlr_tears_down_only_the_process_group_it_made(two_ranks, three_ranks):
     assert [r["group_alive"] for r in read(two_ranks, "final", 2)] == [False, False]
     assert [r["group_alive"] for r in read(three_ranks, "final", 3)] == [True, True, True]
@@ -105,11 +85,37 @@ def test_the_users_group_and_sampler_are_used_as_they_are(three_ranks):
     assert_matches_one_process(ranks[0]["result"], 3)
 
 
+def test_ranks_with_shards_of_different_length_each_cycle_their_own_and_agree(two_ranks):
+    ranks = read(two_ranks, "short_shard", 2)
+    assert ranks[0] == ranks[1]
+    assert len(ranks[0]["losses"]) == 12
+    assert any("cycled" in note for note in ranks[0]["notes"])  # only rank 1 ran out, rank 0 says so
+
+
+# Fault injection: each case must end every rank well within the timeout, non-zero, with a
+# message naming the rank and the cause.
+
 def test_a_rank_that_raises_ends_the_job_promptly_with_its_message(tmp_path):
     launch = torchrun([WORKER, str(tmp_path), "raise"], nproc=2, timeout=120)
     assert launch.returncode not in (0, -9), launch.explain()
     assert "injected failure on rank 1 at forward call 3" in launch.output, launch.explain()
     assert launch.seconds < 60, launch.explain()
+
+
+def test_a_rank_killed_with_sigkill_ends_the_job_promptly(tmp_path):
+    launch = torchrun([WORKER, str(tmp_path), "fault:sigkill"], nproc=2, timeout=120)
+    assert launch.returncode not in (0, -9), launch.explain()
+    assert "rank      : 1" in launch.output and "Signal 9 (SIGKILL)" in launch.output, launch.explain()
+    assert launch.seconds < 60, launch.explain()
+
+
+def test_a_stalled_rank_ends_the_job_at_the_collective_timeout(tmp_path):
+    # Rank 1 hangs in its forward; rank 0 waits in DDP's gradient all-reduce until the 5 s timeout.
+    launch = torchrun([WORKER, str(tmp_path), "fault:stall:5"], nproc=2, timeout=150)
+    assert launch.returncode not in (0, -9), launch.explain()
+    assert "rank 0: the training step (its gradient all-reduce) of step 2 failed" in launch.output, launch.explain()
+    assert "Timed out" in launch.output, launch.explain()
+    assert launch.seconds < 90, launch.explain()
 
 
 def test_torchrun_cli_end_to_end_on_the_demo_ddp_config(tmp_path):
@@ -129,3 +135,47 @@ def test_torchrun_cli_end_to_end_on_the_demo_ddp_config(tmp_path):
     assert again.returncode != 0, again.explain()
     assert again.output.count("already holds") == 1, again.explain()
     assert (out / "result.json").read_text() == before
+
+
+BAD_INPUT_WORDS = {
+    "find_min_lr": ["ValueError", "min_lr=-1.0", "> 0"],
+    "ds_missing_file": ["ValueError", "deepspeed_config='missing/ds_config.json': no such file"],
+    "ds_bad_json": ["ValueError", "is not valid JSON"],
+    "ds_auto_unresolved": ["ValueError", "'zero_optimization.reduce_bucket_size' is \"auto\"", "set it in the config"],
+    "ds_optimizer_type": ["ValueError", "'Lamb'", "pass optimizer="],
+    "ds_accumulation": ["ValueError", "accumulation_steps=4", "gradient_accumulation_steps=1"],
+    "ds_amp": ["ValueError", "amp='bf16'", "engine runs no"],
+    "ds_clipping": ["ValueError", "max_grad_norm=0.5", "gradient_clipping=1.0"],
+}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad_inputs")
+    launch = torchrun([WORKER, str(out), "bad_inputs"], nproc=2)
+    assert launch.returncode == 0, launch.explain()
+    return read(out, "bad_inputs", 2)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT_WORDS))
+def test_bad_input_fails_the_same_way_on_every_rank(bad_inputs, case):
+    messages = [rank[case] for rank in bad_inputs]
+    assert messages[0] == messages[1]
+    for word in BAD_INPUT_WORDS[case]:
+        assert word in messages[0]
+
+
+@pytest.mark.parametrize("case, words", [("find_num_steps_on_rank1", ["ValueError", "num_steps=1"]),
+                                         ("criterion_on_rank1", ["TypeError", "criterion must be callable"])])
+def test_bad_input_on_one_rank_fails_every_rank_naming_that_rank(bad_inputs, case, words):
+    rank0, rank1 = (rank[case] for rank in bad_inputs)
+    for word in words:
+        assert word in rank1 and word in rank0
+    assert rank0.startswith("RankFailure: rank 1 failed:")
+
+
+def test_a_misspelled_deepspeed_key_is_warned_about_by_name_and_the_ranks_stay_in_step(bad_inputs):
+    assert bad_inputs[0]["ds_misspelled_key"] is None  # a warning, not an error
+    assert any("'gradient_cliping' (did you mean 'gradient_clipping'?)" in w for w in bad_inputs[0]["warnings"])
+    assert bad_inputs[0]["after"] == bad_inputs[1]["after"]
+    assert len(bad_inputs[0]["after"]["losses"]) >= 2

@@ -69,6 +69,9 @@ BAD_CONSTRUCTOR_ARGS = [
     (lambda m, o, l: dict(model=m, train_dataloader=l, criterion="mse"), TypeError, ["criterion", "callable"]),
     (lambda m, o, l: dict(model=m, train_dataloader=l, device="tpu"), ValueError, ["device='tpu'", "auto", "cpu"]),
     (lambda m, o, l: dict(model=m, train_dataloader=l, device="cuda"), ValueError, ["device='cuda'", "CUDA is not available"]),
+    (lambda m, o, l: dict(model=m, train_dataloader=l, snapshot="tape"), ValueError, ["snapshot='tape'", "'memory'", "'disk'"]),
+    (lambda m, o, l: dict(model=m, train_dataloader=l, dist_backend="mpi"), ValueError, ["dist_backend='mpi'", "'gloo'"]),
+    (lambda m, o, l: dict(model=m.requires_grad_(False), train_dataloader=l), ValueError, ["no trainable parameters"]),
 ]
 
 

@@ -13,6 +13,8 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    # A process group left by an earlier test would make every case here a different one.
+    assert not torch.distributed.is_initialized(), "an earlier test leaked a process group"
     for name in LAUNCH_VARS:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch

@@ -14,15 +14,18 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from distlr.batch import Criterion, compute_loss, count_items, count_samples, prepare_batch, unwrap
+from distlr.batch import Criterion, check_batch_fits, compute_loss, count_items, count_samples, prepare_batch, unwrap
 from distlr.snapshot import DiskStore, HostStore, Snapshot, SnapshotMode, TrainingSnapshot
 
 AmpMode = Literal["no", "bf16", "fp16"]
 AMP_MODES: tuple[str, ...] = ("no", "bf16", "fp16")
 
-# Layout of the packed per-step statistics that cross the one all-reduce of a step.
-LOSS_SUM, ITEMS, NON_FINITE, SKIPPED = range(4)
-NUM_STATS = 4
+# Layout of the packed per-step statistics that cross the one all-reduce of a step. There is no
+# separate non-finite flag: NaN and inf survive the sum, so the summed loss is non-finite exactly
+# when some rank's loss was.
+LOSS_SUM, ITEMS, SKIPPED = range(3)
+NUM_STATS = 3
+_NULL = contextlib.nullcontext()  # stateless and reentrant: one serves every step
 
 
 class Backend(Protocol):
@@ -83,6 +86,8 @@ class TorchBackend:
         self.grad_scaler = grad_scaler if amp == "fp16" else None
         self.user_grad_scaler = grad_scaler
         self._ratios = group_lr_ratios(optimizer)
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        # Reused every step; SKIPPED stays 0 unless a GradScaler writes it.
         self._stats = torch.zeros(NUM_STATS, dtype=torch.float64, device=device)
         self.micro_batch_size: int | None = None
         """Samples in this rank's first micro-batch (for the result's global batch size)."""
@@ -97,43 +102,47 @@ class TorchBackend:
         Returns the packed statistics (see ``LOSS_SUM`` ...) as a tensor on the device: nothing
         here waits for the device, the caller's single all-reduce does.
         """
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        stats = self._stats
-        stats.zero_()
         n = len(micro_batches)
+        loss_sum: torch.Tensor | None = None
+        items_sum: int | torch.Tensor = 0
         for i, raw in enumerate(micro_batches):
             batch = prepare_batch(raw, self.device, causal_lm=self.causal_lm, has_criterion=self.criterion is not None)
             items = count_items(batch, causal_lm=self.causal_lm)
-            if self.micro_batch_size is None:
+            if self.micro_batch_size is None:  # the first batch: checked once, not every step
+                check_batch_fits(unwrap(self.model), batch, self.criterion)
                 self.micro_batch_size = count_samples(batch)
             # DDP would all-reduce gradients after every micro-batch; only the last one needs it.
-            sync = contextlib.nullcontext() if i == n - 1 or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
+            defer_sync = i < n - 1 and hasattr(self.model, "no_sync")
+            with self.model.no_sync() if defer_sync else _NULL:
                 with self._autocast():
                     loss = compute_loss(self.model, batch, self.criterion)
                 # The gradient is the mean over micro-batches, as one big batch would give.
-                scaled = loss / n
+                scaled = loss if n == 1 else loss / n
                 if self.grad_scaler is not None:
                     scaled = self.grad_scaler.scale(scaled)
                 scaled.backward()
-            stats[LOSS_SUM] += loss.detach().double() * items
-            stats[ITEMS] += items
-        stats[NON_FINITE] = (~torch.isfinite(stats[LOSS_SUM])).double()
+            weighted = loss.detach() * items
+            loss_sum = weighted if loss_sum is None else loss_sum + weighted
+            items_sum = items_sum + items
+        stats = self._stats
+        stats[LOSS_SUM].copy_(loss_sum)
+        stats[ITEMS] = items_sum
         self._optimizer_step(stats)
         return stats
 
     def _optimizer_step(self, stats: torch.Tensor) -> None:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         scaler = self.grad_scaler
         if scaler is None:
             if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
             self.optimizer.step()
             return
         scaler.unscale_(self.optimizer)
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
         before = scaler.get_scale()
         scaler.step(self.optimizer)
         scaler.update()
@@ -143,7 +152,7 @@ class TorchBackend:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp == "no":
-            return contextlib.nullcontext()
+            return _NULL
         dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 

@@ -93,8 +93,9 @@ def cast_floating_inputs(batch: Any, dtype: torch.dtype, *, has_criterion: bool)
     return cast(batch)
 
 
-def count_items(batch: Any, *, causal_lm: bool) -> int:
-    """How many things this batch's loss is a mean over: label tokens for LMs, else samples.
+def count_items(batch: Any, *, causal_lm: bool) -> int | torch.Tensor:
+    """How many things this batch's loss is a mean over: label tokens for LMs (a tensor on the
+    batch's device), else samples (an int from the shape).
 
     Used to weight losses when batches differ in size (accumulation, ranks, the last batch),
     so the recorded loss is the mean over every item, not the mean of per-batch means.
@@ -103,8 +104,9 @@ def count_items(batch: Any, *, causal_lm: bool) -> int:
         labels = batch["labels"]
         if labels.dim() >= 2 and not labels.is_floating_point():
             # A causal LM predicts token t+1 from t, so the first label of each row is never scored.
+            # Counted on the device: reading the count here would be a host sync per micro-batch.
             scored = labels[..., 1:] if causal_lm else labels
-            return int((scored != IGNORE_INDEX).sum())
+            return (scored != IGNORE_INDEX).sum()
         return int(labels.shape[0]) if labels.dim() else 1
     return count_samples(batch)
 
@@ -173,14 +175,25 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (list, tuple)):
-        _check_arity(model, len(inputs))
         return model(*inputs)
     return model(inputs)
 
 
+def check_batch_fits(model: nn.Module, batch: Any, criterion: Criterion | None) -> None:
+    """Check once, on the first batch, that the model can take it as distlr will pass it.
+
+    Without this, an ``(inputs, targets)`` batch and no criterion ends in a bare "forward()
+    takes 2 positional arguments but 3 were given" from deep inside the model.
+
+    Raises:
+        TypeError: the batch has more elements than ``forward`` takes, saying what to pass.
+    """
+    inputs = split_inputs_targets(batch)[0] if criterion is not None else batch
+    if isinstance(inputs, (list, tuple)) and not isinstance(inputs, Mapping):
+        _check_arity(model, len(inputs))
+
+
 def _check_arity(model: nn.Module, given: int) -> None:
-    # Without this, an (inputs, targets) batch and no criterion ends in a bare "forward() takes
-    # 2 positional arguments but 3 were given" from deep inside the model.
     try:
         params = inspect.signature(unwrap(model).forward).parameters.values()
     except (TypeError, ValueError):

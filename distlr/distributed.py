@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 
-# Stop codes rank 0 broadcasts after every step.
-CONTINUE, STOP_DIVERGED, STOP_NON_FINITE = 0, 1, 2
+# Codes rank 0 broadcasts after every step: go on, stop (and why), or retry the LR (an fp16
+# step skipped for overflow is no point on the curve).
+CONTINUE, STOP_DIVERGED, STOP_NON_FINITE, RETRY, STOP_OVERFLOW = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -66,27 +67,28 @@ def named_failure(ctx: DistContext, what: str, step: int) -> Iterator[None]:
         ) from err
 
 
-def all_reduce_step_stats(ctx: DistContext, stats: torch.Tensor, step: int = 0) -> list[float]:
-    """Sum this step's packed statistics over all ranks and bring them to the host.
+def all_reduce_step_stats(ctx: DistContext, stats: torch.Tensor, step: int = 0) -> None:
+    """Sum this step's packed statistics over all ranks, in place, without reading them.
 
     ``stats`` is one float tensor (weighted loss sum, item count, flags) so the whole step costs
-    one all-reduce and one device-to-host transfer. Collective: every rank must call this, in the
-    same order.
+    one all-reduce. Collective: every rank must call this, in the same order.
     """
     if ctx.distributed:
         with named_failure(ctx, "all-reduce of the loss", step):
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    return stats.tolist()
 
 
 def broadcast_stop(ctx: DistContext, code: int, step: int = 0) -> int:
-    """Rank 0's stop code, on every rank. Collective: every rank must call this, in the same order."""
+    """Rank 0's stop code, on every rank; rank 0 does not read back what it sent.
+
+    Collective: every rank must call this, in the same order.
+    """
     if not ctx.distributed:
         return code
     flag = torch.tensor([code], dtype=torch.int32, device=ctx.device)
     with named_failure(ctx, "stop-decision broadcast", step):
         dist.broadcast(flag, src=0)
-    return int(flag.item())
+    return code if ctx.is_main else int(flag.item())
 
 
 def any_rank(ctx: DistContext, flag: bool) -> bool:

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from distlr import distributed as D
-from distlr.backend import ITEMS, LOSS_SUM, NON_FINITE, NUM_STATS, SKIPPED, group_lr_ratios
-from distlr.batch import Criterion, cast_floating_inputs, compute_loss, count_items, count_samples, prepare_batch
+from distlr.backend import ITEMS, LOSS_SUM, NUM_STATS, SKIPPED, group_lr_ratios
+from distlr.batch import (Criterion, cast_floating_inputs, check_batch_fits, compute_loss, count_items, count_samples,
+                          prepare_batch)
 from distlr.dsconfig import auto_values, load_ds_config, sweep_config, unknown_keys
 from distlr.snapshot import HostStore, RNGState, SnapshotMode, join_tensors, split_tensors
 
@@ -189,22 +190,27 @@ class DeepSpeedBackend:
     def train_step(self, micro_batches: Sequence[Any]) -> torch.Tensor:
         """DeepSpeed's forward, backward and step over one optimizer step's micro-batches."""
         engine = self.engine
-        engine.train()
-        stats = self._stats
-        stats.zero_()
+        if not engine.training:
+            engine.train()
         skipped_before = engine.skipped_steps
+        loss_sum: torch.Tensor | None = None
+        items_sum: int | torch.Tensor = 0
         for raw in micro_batches:
             batch = prepare_batch(raw, self.device, causal_lm=self.causal_lm, has_criterion=self.criterion is not None)
             batch = cast_floating_inputs(batch, self.dtype, has_criterion=self.criterion is not None)
             items = count_items(batch, causal_lm=self.causal_lm)
-            if self.micro_batch_size is None:
+            if self.micro_batch_size is None:  # the first batch: checked once, not every step
+                check_batch_fits(engine.module, batch, self.criterion)
                 self.micro_batch_size = count_samples(batch)
             loss = compute_loss(engine, batch, self.criterion)
             engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
             engine.step()          # applies the update only at the accumulation boundary
-            stats[LOSS_SUM] += loss.detach().double() * items
-            stats[ITEMS] += items
-        stats[NON_FINITE] = (~torch.isfinite(stats[LOSS_SUM])).double()
+            weighted = loss.detach().float() * items
+            loss_sum = weighted if loss_sum is None else loss_sum + weighted
+            items_sum = items_sum + items
+        stats = self._stats
+        stats[LOSS_SUM].copy_(loss_sum)
+        stats[ITEMS] = items_sum
         # fp16: DeepSpeed's loss scaler skips a step that overflowed; it is no point on the curve.
         stats[SKIPPED] = float(engine.skipped_steps > skipped_before)
         return stats
@@ -252,6 +258,7 @@ class DeepSpeedSnapshot:
                                  "rank by rank; use snapshot='disk'")
             tensors = self._local_tensors()
             saved["optimizer"] = split_tensors(engine.optimizer.state_dict(), "optimizer", tensors)
+            saved["keys"] = list(tensors)
             self.store.put(tensors)
         else:
             self._check_space()
@@ -273,7 +280,7 @@ class DeepSpeedSnapshot:
         assert saved is not None, "restore() before take()"
         engine = self.engine
         if self.mode == "memory":
-            tensors = self.store.get()
+            tensors = self.store.load_into(dict.fromkeys(saved["keys"]))
             state = join_tensors(saved["optimizer"], tensors)
             group = getattr(engine.optimizer, "dp_process_group", None)
             if group is None:  # ZeRO stage 0 in fp32: the engine steps the torch optimizer itself

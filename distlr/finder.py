@@ -339,6 +339,8 @@ class LRFinder:
         self._snapshot.restore()
 
     def _snapshot_path(self) -> Path:
+        if self.snapshot_mode == "memory":
+            return self.snapshot_dir  # unused: nothing goes to disk
         # Rank 0 names the snapshot so that every rank uses the same name.
         name = D.broadcast_object(self.ctx, f"distlr-snapshot-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         return self.snapshot_dir / name

@@ -41,14 +41,14 @@ class ProgressReporter:
         self._drawn = False
 
     def step(self, index: int, lr: float, loss: float, smoothed: float) -> None:
-        line = format_step(index, self.num_steps, lr, loss, smoothed)
         if self.bar:
             done = (index + 1) * 30 // self.num_steps
+            line = format_step(index, self.num_steps, lr, loss, smoothed)
             self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {line}")
             self.stream.flush()
             self._drawn = True
-        elif index % self.log_every == 0 or index + 1 == self.num_steps:
-            logger.info(line)
+        elif (index % self.log_every == 0 or index + 1 == self.num_steps) and logger.isEnabledFor(logging.INFO):
+            logger.info(format_step(index, self.num_steps, lr, loss, smoothed))
 
     def close(self) -> None:
         if self._drawn:

@@ -98,31 +98,53 @@ class TensorStore(Protocol):
     """Where a snapshot's tensors live between take and restore."""
 
     def put(self, tensors: dict[str, torch.Tensor]) -> None: ...
-    def get(self) -> dict[str, torch.Tensor]: ...
+    def load_into(self, targets: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]: ...
     def clear(self) -> None: ...
 
 
+def _specs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    return {k: (t.shape, t.dtype) for k, t in tensors.items()}
+
+
 class HostStore:
-    """Copies in host memory. ``get`` hands out fresh copies, so the snapshot survives restores."""
+    """Copies in host memory (pinned when the tensors live on a GPU, for faster copies)."""
 
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] = {}
 
     def put(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._tensors = {k: t.to("cpu", copy=True) for k, t in tensors.items()}
+        self._tensors = {k: _host_copy(t) for k, t in tensors.items()}
 
-    def get(self) -> dict[str, torch.Tensor]:
-        return {k: t.clone() for k, t in self._tensors.items()}
+    def load_into(self, targets: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Copy each saved tensor into its target in place; a key without one gets a new copy
+        (never the stored tensor itself: the snapshot must survive for the next restore)."""
+        out = {}
+        for key, target in targets.items():
+            saved = self._tensors[key]
+            if target is None:
+                out[key] = saved.clone()
+            else:
+                target.copy_(saved, non_blocking=True)
+                out[key] = target
+        return out
 
     def clear(self) -> None:
         self._tensors = {}
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+    return t.to("cpu", copy=True)
 
 
 class DiskStore:
     """This rank's tensors in a torch.distributed.checkpoint directory of its own.
 
     Save and load run with ``no_dist=True``: no collective, so a rank can restore on its own
-    (an exception on one rank must not wait for the others). The directory is removed by
+    (an exception on one rank must not wait for the others). Loading goes straight into the
+    live tensors, so a restore needs no second copy in memory. The directory is removed by
     ``clear``.
 
     Raises (from ``put``):
@@ -146,17 +168,18 @@ class DiskStore:
                 f"snapshot='disk' needs about {need / 2**30:.2f} GiB in {str(parent)!r} but only "
                 f"{free / 2**30:.2f} GiB is free; set snapshot_dir to a larger disk or use snapshot='memory'"
             )
-        self._specs = {k: (t.shape, t.dtype) for k, t in tensors.items()}
+        self._specs = _specs(tensors)
         with _single_rank_checkpoint():
-            dcp.save({k: t.cpu() for k, t in tensors.items()}, checkpoint_id=str(self.directory), no_dist=True)
+            dcp.save(dict(tensors), checkpoint_id=str(self.directory), no_dist=True)
 
-    def get(self) -> dict[str, torch.Tensor]:
+    def load_into(self, targets: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         import torch.distributed.checkpoint as dcp
 
-        tensors = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in self._specs.items()}
+        out = {k: t if t is not None else torch.empty(self._specs[k][0], dtype=self._specs[k][1])
+               for k, t in targets.items()}
         with _single_rank_checkpoint():
-            dcp.load(tensors, checkpoint_id=str(self.directory), no_dist=True)
-        return tensors
+            dcp.load(out, checkpoint_id=str(self.directory), no_dist=True)
+        return out
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -206,19 +229,23 @@ class TrainingSnapshot:
     def taken(self) -> bool:
         return self._saved is not None
 
-    def take(self) -> None:
+    def _live(self) -> tuple[dict[str, torch.Tensor], Any]:
+        """This rank's tensors now, by key, and the optimizer state with tensors as TensorSpecs."""
         tensors: dict[str, torch.Tensor] = {}
         for name, tensor in _named_tensors(self.model):
             tensors[f"model/{name}"] = tensor.detach()
-        grads = {}
         for name, param in self.model.named_parameters():
-            grads[name] = param.grad is not None
             if param.grad is not None:
                 tensors[f"grad/{name}"] = param.grad.detach()
         optimizer_tree = split_tensors(self.optimizer.state_dict(), "optimizer", tensors)
+        return tensors, optimizer_tree
+
+    def take(self) -> None:
+        tensors, optimizer_tree = self._live()
         self.store.put(tensors)
         self._saved = {
-            "grads": grads,
+            "specs": _specs(tensors),
+            "grads": {name: p.grad is not None for name, p in self.model.named_parameters()},
             "optimizer": optimizer_tree,
             "training": {name: m.training for name, m in self.model.named_modules()},
             "lr_scheduler": None if self.lr_scheduler is None else copy.deepcopy(self.lr_scheduler.state_dict()),
@@ -230,20 +257,29 @@ class TrainingSnapshot:
     def restore(self) -> None:
         saved = self._saved
         assert saved is not None, "restore() before take()"
-        tensors = self.store.get()
+        live, _ = self._live()
+        # Load straight into every live tensor that still has the saved shape and dtype (the
+        # usual case after a sweep); only what is missing now (a gradient that was freed,
+        # optimizer state that was dropped) gets a new tensor.
+        targets = {}
+        for key, (shape, dtype) in saved["specs"].items():
+            tensor = live.get(key)
+            targets[key] = tensor if tensor is not None and tensor.shape == shape and tensor.dtype == dtype else None
+        tensors = self.store.load_into(targets)
         with torch.no_grad():
             for name, tensor in _named_tensors(self.model):
-                tensor.copy_(tensors[f"model/{name}"])
+                loaded = tensors[f"model/{name}"]
+                if loaded is not tensor:
+                    tensor.copy_(loaded)
             for name, param in self.model.named_parameters():
                 if not saved["grads"][name]:
                     param.grad = None
-                elif param.grad is None:
+                elif tensors[f"grad/{name}"] is not param.grad:
                     param.grad = tensors[f"grad/{name}"].to(param.device)
-                else:
-                    param.grad.copy_(tensors[f"grad/{name}"])
         for name, module in self.model.named_modules():
             module.training = saved["training"][name]
-        # The store hands out fresh tensors, which load_state_dict may keep as the live state.
+        # The tensors are the live state itself or new ones the optimizer may keep; never the
+        # snapshot's own, which must survive for the next reset().
         self.optimizer.load_state_dict(join_tensors(saved["optimizer"], tensors))
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(copy.deepcopy(saved["lr_scheduler"]))

@@ -181,6 +181,36 @@ def scenario_bad_inputs(out: Path) -> dict:
     return record
 
 
+def scenario_collectives() -> dict:
+    """Count the collectives distlr issues from Python (DDP's gradient all-reduce runs in C++
+    and is not counted): per step exactly one all-reduce and one broadcast."""
+    counts: dict[str, int] = {}
+    originals = {name: getattr(dist, name) for name in
+                 ("all_reduce", "broadcast", "all_gather_object", "broadcast_object_list", "barrier")}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    model = mlp()
+    loader = DataLoader(regression_data(n=1536), batch_size=8)
+    finder = keep(LRFinder(model, loader, torch.optim.SGD(model.parameters(), lr=0.01), mse, device="cpu"))
+    per_run = {}
+    for steps in (10, 30):
+        counts.clear()
+        for name in originals:
+            setattr(dist, name, counting(name))
+        try:
+            finder.find(min_lr=1e-5, max_lr=1e-3, num_steps=steps)
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
+        per_run[steps] = dict(counts)
+    return per_run
+
+
 def scenario_user_group_and_sampler() -> dict:
     """The user made the process group and the DistributedSampler: distlr uses both as they are."""
     if not dist.is_initialized():

@@ -27,7 +27,7 @@ def read(out: Path, scenario: str, world: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    launch = torchrun([WORKER, str(out), "equivalence", "injected", "short_shard"], nproc=2)
+    launch = torchrun([WORKER, str(out), "equivalence", "injected", "short_shard", "collectives"], nproc=2)
     assert launch.returncode == 0, launch.explain()
     return out
 
@@ -90,6 +90,19 @@ def test_ranks_with_shards_of_different_length_each_cycle_their_own_and_agree(tw
     assert ranks[0] == ranks[1]
     assert len(ranks[0]["losses"]) == 12
     assert any("cycled" in note for note in ranks[0]["notes"])  # only rank 1 ran out, rank 0 says so
+
+
+def test_each_step_costs_one_all_reduce_and_one_broadcast(two_ranks):
+    for record in read(two_ranks, "collectives", 2):
+        ten, thirty = record["10"], record["30"]
+        # Per find(), whatever its length: two checks that every rank is fine (the arguments,
+        # the snapshot: all_gather_object), the result broadcast (broadcast_object_list) and one
+        # "did any shard run out" all-reduce. Per step: one all-reduce and one broadcast.
+        assert thirty["all_reduce"] - ten["all_reduce"] == 20
+        assert thirty["broadcast"] - ten["broadcast"] == 20
+        assert ten["all_reduce"] == 10 + 1 and ten["broadcast"] == 10
+        assert ten.get("all_gather_object") == 2 and ten.get("broadcast_object_list") == 1
+        assert "barrier" not in ten
 
 
 # Fault injection: each case must end every rank well within the timeout, non-zero, with a

@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: models, batches, timing, peak memory, tables.
 
-Every figure is a ratio against a baseline measured in the same run, interleaved with it
-(baseline, distlr, baseline, distlr, ...), as the median of several repetitions.
+Every figure is a ratio against a baseline measured in the same run, alternating with it
+(baseline, distlr, distlr, baseline, ...), over several repetitions.
 """
 
 from __future__ import annotations
@@ -60,15 +60,25 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int, setup: Callable[[], None] | None = None) -> dict[str, float]:
-    """Median wall time of each callable, run in turn ``repeats`` times (setup untimed before each)."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
+def paired(runs: dict[str, Callable[[], object]], repeats: int, setup: Callable[[], None] | None = None,
+           ) -> tuple[dict[str, float], float, float, float]:
+    """Median wall time of each of two callables, and the ratio of the second to the first taken
+    pair by pair (each pair run back to back, the order alternating), as its median and 25th/75th
+    percentiles: on a noisy VM a pairwise ratio is steadier than a ratio of medians. ``setup``
+    runs untimed before every call."""
+    (first, a), (second, b) = runs.items()
+    times: dict[str, list[float]] = {first: [], second: []}
+    ratios = []
+    for i in range(repeats):
+        pair = {}
+        for name, fn in ((first, a), (second, b)) if i % 2 == 0 else ((second, b), (first, a)):
             if setup is not None:
                 setup()
-            times[name].append(timed(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            pair[name] = timed(fn)
+            times[name].append(pair[name])
+        ratios.append(pair[second] / pair[first])
+    q = statistics.quantiles(ratios, n=4)
+    return {k: statistics.median(v) for k, v in times.items()}, statistics.median(ratios), q[0], q[2]
 
 
 def reset_peak_rss() -> None:

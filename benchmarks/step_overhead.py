@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, lm_batches, machine, mlp, n_params, regression_batches, table, tiny_gpt  # noqa: E402
+from common import lm_batches, machine, mlp, n_params, paired, regression_batches, table, tiny_gpt  # noqa: E402
 
 from distlr import LRFinder  # noqa: E402
 
@@ -78,15 +78,15 @@ def measure(name: str, repeats: int, ddp: bool) -> list[object]:
         finder = LRFinder(model, batches, optimizer, criterion, device="cpu")
         finder.find(min_lr=lrs[0], max_lr=lrs[-1], num_steps=STEPS, divergence_threshold=math.inf)
 
-    times = interleaved({"bare": baseline, "distlr": with_distlr}, repeats, setup)
+    times, ratio, low, high = paired({"bare": baseline, "distlr": with_distlr}, repeats, setup)
     return [name, f"{n_params(model) / 1e6:.1f} M", f"{times['bare'] / STEPS * 1e3:.2f}",
-            f"{times['distlr'] / STEPS * 1e3:.2f}", f"{times['distlr'] / times['bare']:.3f}"]
+            f"{times['distlr'] / STEPS * 1e3:.2f}", f"{ratio:.3f}", f"{low:.3f} - {high:.3f}"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ddp", type=int, default=0, help="ranks for the DDP run (launches torchrun)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.getLogger("distlr").setLevel(logging.ERROR)  # the per-rank batch lists are sharded by hand
@@ -96,11 +96,16 @@ def main() -> None:
         sys.exit(subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.ddp))}))
     if args.worker:
         dist.init_process_group("gloo")
+    else:
+        # One thread: on a 2-core VM, OpenMP's spinning second thread makes run-to-run noise
+        # larger than the effect being measured.
+        torch.set_num_threads(1)
     rows = [measure(name, args.repeats, bool(args.ddp)) for name in CASES]
     if not args.worker or dist.get_rank() == 0:
         print(f"# step overhead, {'DDP %d ranks (gloo)' % args.ddp if args.ddp else 'one process'}, "
-              f"{STEPS} steps, median of {args.repeats}, interleaved\n# {machine()}")
-        print(table(["model", "params", "bare ms/step", "distlr ms/step", "ratio"], rows))
+              f"{STEPS} steps, {args.repeats} back-to-back pairs (order alternating)\n# {machine()}")
+        print(table(["model", "params", "bare ms/step", "distlr ms/step", "ratio (median of pairs)",
+                     "ratio 25-75 %"], rows))
     if args.worker:
         dist.destroy_process_group()
 

@@ -8,10 +8,13 @@ is allowed.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import math
 import numbers
+import textwrap
 import types
 import typing
 from dataclasses import dataclass
@@ -268,10 +271,6 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 
 def field_docs(cls: type) -> dict[str, str]:
     """The one-line docstring under each dataclass field, by field name (for --help)."""
-    import ast
-    import inspect
-    import textwrap
-
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}

@@ -352,6 +352,8 @@ def _check_constructor_args(model: Any, loader: Any, optimizer: Any, criterion: 
     check_loader(loader)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if optimizer is not None and is_deepspeed_engine(model):
+        raise ValueError("optimizer=... was given with a DeepSpeed engine, which brings its own; pass optimizer=None")
     if optimizer is None and not is_deepspeed_engine(model) and not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameters (every requires_grad is False)")
     if criterion is not None and not callable(criterion):

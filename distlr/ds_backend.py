@@ -261,7 +261,13 @@ class DeepSpeedSnapshot:
             saved["keys"] = list(tensors)
             self.store.put(tensors)
         else:
-            self._check_space()
+            # save_checkpoint is a collective: a rank short of space must stop every rank before it.
+            error = None
+            try:
+                self._check_space()
+            except OSError as err:
+                error = err
+            D.raise_if_any_failed(self.ctx, error)
             engine.save_checkpoint(str(self.directory), tag=CHECKPOINT_TAG, save_latest=False)
         saved["rng"] = RNGState.capture()
         engine.lr_scheduler = None
@@ -314,7 +320,8 @@ class DeepSpeedSnapshot:
         Collective for ``snapshot="disk"``: every rank must call this, in the same order.
         """
         self.store.clear()
-        if self.mode == "disk" and self._saved is not None:
+        # Every rank reaches the barrier, also one whose take() failed (see LRFinder._take_snapshot).
+        if self.mode == "disk":
             if self.ctx.distributed:
                 dist.barrier()
             if self.ctx.is_main:

@@ -217,50 +217,22 @@ class LRFinder:
             TypeError / ValueError: a bad argument, before any training step; a batch or model
                 output whose loss cannot be found, before the first optimizer step.
         """
-        error: Exception | None = None
-        try:
-            validate_find_args(
-                min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, smooth_factor=smooth_factor,
-                divergence_threshold=divergence_threshold, suggestion_method=suggestion_method,
-                step_mode=step_mode, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm, amp=amp,
-            )
-            _check_run_args(amp=amp, device=self.device, total_steps=total_steps)
-            if self._engine is not None:
-                _check_engine_args(self._engine, amp=amp, max_grad_norm=max_grad_norm,
-                                   accumulation_steps=accumulation_steps)
-        except (TypeError, ValueError) as err:
-            error = err
-        D.raise_if_any_failed(self.ctx, error)  # the same error on every rank, before any step
+        self._check_find_args(
+            min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, smooth_factor=smooth_factor,
+            divergence_threshold=divergence_threshold, suggestion_method=suggestion_method, step_mode=step_mode,
+            accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm, amp=amp, total_steps=total_steps,
+        )
         ladder = lr_ladder(min_lr, max_lr, num_steps, step_mode)
-        causal_lm = is_causal_lm(self.model)
-        backend: Backend
-        if self._engine is not None:
-            backend = DeepSpeedBackend(self._engine, criterion=self.criterion, device=self.device,
-                                       causal_lm=causal_lm, ctx=self.ctx)
-            accumulation_steps = backend.accumulation_steps
-        else:
-            backend = TorchBackend(
-                self._train_model, self.optimizer, criterion=self.criterion, device=self.device, amp=amp,
-                grad_scaler=self.grad_scaler, max_grad_norm=max_grad_norm, causal_lm=causal_lm,
-                lr_scheduler=self.lr_scheduler, rank=self.ctx.rank,
-            )
+        backend = self._make_backend(amp=amp, max_grad_norm=max_grad_norm)
+        if isinstance(backend, DeepSpeedBackend):
+            accumulation_steps = backend.accumulation_steps  # the engine's config decides
         if total_steps is None and self._ds_config is not None:
             total_steps = total_steps_from(self._ds_config)
         tracker = LossTracker(smooth_factor=smooth_factor, divergence_threshold=divergence_threshold)
         reporter = ProgressReporter(num_steps, bar=progress, log_every=log_every) if self.ctx.is_main else None
-        if self._snapshot is not None:
-            self._snapshot.discard()
-        snapshot = backend.make_snapshot(self.snapshot_mode, self._snapshot_path(),
-                                         getattr(self.train_dataloader, "sampler", None))
 
         start = time.perf_counter()
-        error = None
-        try:
-            snapshot.take()
-        except (OSError, ValueError) as err:
-            error = err
-        D.raise_if_any_failed(self.ctx, error)
-        self._snapshot = snapshot
+        snapshot = self._take_snapshot(backend)
         stream = BatchStream(self.train_dataloader)
         try:
             history = run_sweep(backend, stream, ladder, tracker, self.ctx,
@@ -281,23 +253,74 @@ class LRFinder:
             notes = list(self._notes)
             if cycled:
                 notes.append(f"train_dataloader ran out before {num_steps} steps and was cycled (new epochs)")
-            result = build_result(
+            result = self._result(
                 history, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, suggestion_method=suggestion_method,
-                step_mode=step_mode, world_size=self.ctx.world_size, micro_batch_size=backend.micro_batch_size,
-                accumulation_steps=accumulation_steps, elapsed_s=elapsed, total_steps=total_steps, notes=notes,
-            )
-            if self._engine is not None:
-                result.zero_stage = int(self._engine.zero_optimization_stage())
-                if result.optimal_lr is not None and result.schedule is not None:
-                    result.deepspeed_config, ds_notes = tuned_config(self._ds_config, result.optimal_lr, result.schedule)
-                    result.notes.extend(ds_notes)
-            logger.info(
-                "suggested lr %s (%s) | %s after %d/%d steps | %.1f s",
-                "none" if result.optimal_lr is None else f"{result.optimal_lr:.3e}", suggestion_method,
-                result.stop_reason, result.steps_run, num_steps, elapsed,
+                step_mode=step_mode, micro_batch_size=backend.micro_batch_size, accumulation_steps=accumulation_steps,
+                elapsed_s=elapsed, total_steps=total_steps, notes=notes,
             )
         self.result = D.broadcast_object(self.ctx, result)
         return self.result
+
+    def _check_find_args(self, *, amp: str, max_grad_norm: float | None, accumulation_steps: int,
+                         total_steps: Any, **find_args: Any) -> None:
+        """Every argument checked on every rank; the same error everywhere, before any step."""
+        error: Exception | None = None
+        try:
+            validate_find_args(amp=amp, max_grad_norm=max_grad_norm, accumulation_steps=accumulation_steps,
+                               **find_args)
+            _check_run_args(amp=amp, device=self.device, total_steps=total_steps)
+            if self._engine is not None:
+                _check_engine_args(self._engine, amp=amp, max_grad_norm=max_grad_norm,
+                                   accumulation_steps=accumulation_steps)
+        except (TypeError, ValueError) as err:
+            error = err
+        D.raise_if_any_failed(self.ctx, error)
+
+    def _make_backend(self, *, amp: AmpMode, max_grad_norm: float | None) -> Backend:
+        causal_lm = is_causal_lm(self.model)
+        if self._engine is not None:
+            return DeepSpeedBackend(self._engine, criterion=self.criterion, device=self.device,
+                                    causal_lm=causal_lm, ctx=self.ctx)
+        return TorchBackend(
+            self._train_model, self.optimizer, criterion=self.criterion, device=self.device, amp=amp,
+            grad_scaler=self.grad_scaler, max_grad_norm=max_grad_norm, causal_lm=causal_lm,
+            lr_scheduler=self.lr_scheduler, rank=self.ctx.rank,
+        )
+
+    def _take_snapshot(self, backend: Backend) -> Snapshot:
+        """Every rank saves its own state; if any rank cannot, every rank drops what it took."""
+        if self._snapshot is not None:
+            self._snapshot.discard()
+            self._snapshot = None
+        snapshot = backend.make_snapshot(self.snapshot_mode, self._snapshot_path(),
+                                         getattr(self.train_dataloader, "sampler", None))
+        error: Exception | None = None
+        try:
+            snapshot.take()
+        except Exception as err:  # noqa: BLE001 - whatever it was, every rank must hear of it
+            error = err
+        try:
+            D.raise_if_any_failed(self.ctx, error)
+        except BaseException:
+            snapshot.discard()  # no half-written snapshot is left on any rank
+            raise
+        self._snapshot = snapshot
+        return snapshot
+
+    def _result(self, history: Any, **kwargs: Any) -> LRFinderResult:
+        """Rank 0: the result of the sweep, with the tuned DeepSpeed config when there is one."""
+        result = build_result(history, world_size=self.ctx.world_size, **kwargs)
+        if self._engine is not None:
+            result.zero_stage = int(self._engine.zero_optimization_stage())
+            if result.optimal_lr is not None and result.schedule is not None:
+                result.deepspeed_config, ds_notes = tuned_config(self._ds_config, result.optimal_lr, result.schedule)
+                result.notes.extend(ds_notes)
+        logger.info(
+            "suggested lr %s (%s) | %s after %d/%d steps | %.1f s",
+            "none" if result.optimal_lr is None else f"{result.optimal_lr:.3e}", result.suggestion_method,
+            result.stop_reason, result.steps_run, result.num_steps, result.elapsed_s,
+        )
+        return result
 
     def plot(self, output_path: str | Path | None = None, log_scale: bool = True,
              show_suggestion: bool = True) -> str | None:

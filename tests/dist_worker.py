@@ -165,7 +165,25 @@ def scenario_bad_inputs(out: Path) -> dict:
         "ds_amp": lambda: finder(optimizer=None, deepspeed_config=small).find(amp="bf16"),
         "ds_clipping": lambda: finder(optimizer=None, deepspeed_config=small).find(max_grad_norm=0.5),
         "ds_misspelled_key": lambda: finder(optimizer=None, deepspeed_config={**small, "gradient_cliping": 1.0}),
+        "disk_full_on_rank1": lambda: short_of_space(
+            lambda: finder(snapshot="disk", snapshot_dir=out / "snap-ddp").find(num_steps=5)),
+        "ds_disk_full_on_rank1": lambda: short_of_space(
+            lambda: finder(optimizer=None, deepspeed_config=small, snapshot="disk",
+                           snapshot_dir=out / "snap-ds").find(num_steps=5)),
     }
+
+    def short_of_space(run):
+        """Rank 1's disk is (made to look) full; every rank must fail alike and leave no files."""
+        import shutil
+        from collections import namedtuple
+
+        real = shutil.disk_usage
+        if RANK == 1:
+            shutil.disk_usage = lambda path: namedtuple("usage", "total used free")(1 << 30, 1 << 30, 1 << 10)
+        try:
+            run()
+        finally:
+            shutil.disk_usage = real
     if dist.is_initialized():
         dist.barrier()
     record = {}
@@ -176,6 +194,10 @@ def scenario_bad_inputs(out: Path) -> dict:
         except Exception as err:  # noqa: BLE001 - the error is what is recorded
             record[name] = f"{type(err).__name__}: {err}"
     record["warnings"] = warnings
+    if dist.is_initialized():
+        dist.barrier()
+    record["left_on_disk"] = sorted(str(p.relative_to(out)) for d in ("snap-ddp", "snap-ds")
+                                    if (out / d).exists() for p in (out / d).rglob("*"))
     # After all that, the ranks are still in step: a normal sweep works and agrees.
     record["after"] = finder().find(**EQUIV).to_dict()
     return record

@@ -179,12 +179,18 @@ def test_bad_input_fails_the_same_way_on_every_rank(bad_inputs, case):
 
 
 @pytest.mark.parametrize("case, words", [("find_num_steps_on_rank1", ["ValueError", "num_steps=1"]),
-                                         ("criterion_on_rank1", ["TypeError", "criterion must be callable"])])
+                                         ("criterion_on_rank1", ["TypeError", "criterion must be callable"]),
+                                         ("disk_full_on_rank1", ["OSError", "snapshot='disk' needs about"]),
+                                         ("ds_disk_full_on_rank1", ["OSError", "snapshot='disk' needs about"])])
 def test_bad_input_on_one_rank_fails_every_rank_naming_that_rank(bad_inputs, case, words):
     rank0, rank1 = (rank[case] for rank in bad_inputs)
     for word in words:
         assert word in rank1 and word in rank0
     assert rank0.startswith("RankFailure: rank 1 failed:")
+
+
+def test_a_snapshot_that_fails_on_one_rank_leaves_no_files_on_any(bad_inputs):
+    assert [rank["left_on_disk"] for rank in bad_inputs] == [[], []]
 
 
 def test_a_misspelled_deepspeed_key_is_warned_about_by_name_and_the_ranks_stay_in_step(bad_inputs):

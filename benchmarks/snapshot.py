@@ -108,6 +108,34 @@ def one_peak(method: str, millions: float, directory: str) -> float:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def measure(millions: float, repeats: int, directory: str) -> list[list[object]]:
+    """The table rows of one model size: its state lives only while this runs."""
+    rows = []
+    model, optimizer, state_bytes = make_state(millions)
+    work = Path(tempfile.mkdtemp(prefix="distlr-bench-", dir=directory))
+    try:
+        runs = {
+            "raw": lambda: raw_copy(model, optimizer),
+            "memory": lambda: distlr_store(model, optimizer, HostStore()),
+            "torch.save": lambda: plain_disk(model, optimizer, work),
+            "disk": lambda: distlr_store(model, optimizer, DiskStore(work / "snap")),
+        }
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                times[name].append(fn())
+        med = {k: tuple(sorted(x[i] for x in v)[len(v) // 2] for i in (0, 1)) for k, v in times.items()}
+        peaks = {k: peak_copies(k, millions, directory) for k in ("raw", "memory", "torch.save", "disk")}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for store, plain in (("memory", "raw"), ("disk", "torch.save")):
+        ours, theirs = sum(med[store]), sum(med[plain])
+        rows.append([f"{n_params(model) / 1e6:.0f} M", f"{state_bytes / 2**20:.0f} MiB", store,
+                     f"{med[store][0]:.3f} + {med[store][1]:.3f}", f"{theirs:.3f} ({plain})", f"{ours / theirs:.2f}",
+                     f"{peaks[store]:.2f} ({peaks[plain]:.2f})"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 10, 50, 200], help="millions of parameters")
@@ -118,31 +146,7 @@ def main() -> None:
     if args.peak:
         print(one_peak(args.peak[0], float(args.peak[1]), args.dir))
         return
-    rows = []
-    for millions in args.sizes:
-        model, optimizer, state_bytes = make_state(millions)
-        work = Path(tempfile.mkdtemp(prefix="distlr-bench-", dir=args.dir))
-        try:
-            runs = {
-                "raw": lambda: raw_copy(model, optimizer),
-                "memory": lambda: distlr_store(model, optimizer, HostStore()),
-                "torch.save": lambda: plain_disk(model, optimizer, work),
-                "disk": lambda: distlr_store(model, optimizer, DiskStore(work / "snap")),
-            }
-            times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
-            for _ in range(args.repeats):
-                for name, fn in runs.items():
-                    times[name].append(fn())
-            med = {k: tuple(sorted(x[i] for x in v)[len(v) // 2] for i in (0, 1)) for k, v in times.items()}
-            peaks = {k: peak_copies(k, millions, args.dir) for k in ("raw", "memory", "torch.save", "disk")}
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        for store, plain in (("memory", "raw"), ("disk", "torch.save")):
-            ours, theirs = sum(med[store]), sum(med[plain])
-            rows.append([f"{n_params(model) / 1e6:.0f} M", f"{state_bytes / 2**20:.0f} MiB", store,
-                         f"{med[store][0]:.3f} + {med[store][1]:.3f}", f"{theirs:.3f} ({plain})", f"{ours / theirs:.2f}",
-                         f"{peaks[store]:.2f} ({peaks[plain]:.2f})"])
-        del model, optimizer
+    rows = [row for millions in args.sizes for row in measure(millions, args.repeats, args.dir)]
     print(f"# snapshot + restore, median of {args.repeats}, interleaved\n# {machine()}")
     print(table(["params", "state", "store", "distlr take + restore s", "plain s", "ratio",
                  "peak copies (plain)"], rows))

@@ -32,7 +32,7 @@ from distlr.backend import ITEMS, LOSS_SUM, NUM_STATS, SKIPPED, group_lr_ratios
 from distlr.batch import (Criterion, cast_floating_inputs, check_batch_fits, compute_loss, count_items, count_samples,
                           prepare_batch)
 from distlr.dsconfig import auto_values, load_ds_config, sweep_config, unknown_keys
-from distlr.snapshot import HostStore, RNGState, SnapshotMode, join_tensors, split_tensors
+from distlr.snapshot import HostStore, RNGState, SnapshotMode, check_free_space, join_tensors, split_tensors
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_TAG = "distlr-snapshot"
@@ -274,12 +274,9 @@ class DeepSpeedSnapshot:
         self._saved = saved
 
     def _check_space(self) -> None:
-        need = sum(t.numel() * t.element_size() for t in self._local_tensors().values()) * 4  # fp32 master + 2 moments
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.directory.parent).free
-        if need + (64 << 20) > free:
-            raise OSError(f"snapshot='disk' needs about {need / 2**30:.2f} GiB in {str(self.directory.parent)!r} "
-                          f"but only {free / 2**30:.2f} GiB is free; set snapshot_dir elsewhere or use snapshot='memory'")
+        # This rank's parameter data, times four: the fp32 master and two optimizer moments too.
+        need = sum(t.numel() * t.element_size() for t in self._local_tensors().values()) * 4
+        check_free_space(self.directory.parent, need)
 
     def restore(self) -> None:
         saved = self._saved

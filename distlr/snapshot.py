@@ -139,6 +139,22 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", copy=True)
 
 
+def check_free_space(directory: Path, need: int) -> None:
+    """Refuse a disk snapshot of ``need`` bytes before writing any of it if it would not fit.
+
+    Raises:
+        OSError: not enough free space in ``directory`` (made if missing), saying where and how much.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    # Metadata and alignment cost a little on top of the raw bytes; keep a margin.
+    if need * 1.1 + (64 << 20) > free:
+        raise OSError(
+            f"snapshot='disk' needs about {need / 2**30:.2f} GiB in {str(directory)!r} but only "
+            f"{free / 2**30:.2f} GiB is free; set snapshot_dir to a larger disk or use snapshot='memory'"
+        )
+
+
 class DiskStore:
     """This rank's tensors in a torch.distributed.checkpoint directory of its own.
 
@@ -158,16 +174,7 @@ class DiskStore:
     def put(self, tensors: dict[str, torch.Tensor]) -> None:
         import torch.distributed.checkpoint as dcp
 
-        need = sum(t.numel() * t.element_size() for t in tensors.values())
-        parent = self.directory.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(parent).free
-        # Metadata and alignment cost a little on top of the raw bytes; keep a margin.
-        if need * 1.1 + (64 << 20) > free:
-            raise OSError(
-                f"snapshot='disk' needs about {need / 2**30:.2f} GiB in {str(parent)!r} but only "
-                f"{free / 2**30:.2f} GiB is free; set snapshot_dir to a larger disk or use snapshot='memory'"
-            )
+        check_free_space(self.directory.parent, sum(t.numel() * t.element_size() for t in tensors.values()))
         self._specs = _specs(tensors)
         with _single_rank_checkpoint():
             dcp.save(dict(tensors), checkpoint_id=str(self.directory), no_dist=True)

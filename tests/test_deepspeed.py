@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from dist_worker import EQUIV, equivalence_run
+from dist_worker import equivalence_run
 from helpers import REPO, deepspeed_launcher, torchrun
 
 pytestmark = pytest.mark.timeout(500)

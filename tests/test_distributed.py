@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_worker import EQUIV, equivalence_run
+from dist_worker import equivalence_run
 from helpers import REPO, torchrun
 
 pytestmark = pytest.mark.timeout(400)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from helpers import RegressionNet, assert_same_bits, fingerprint, regression_data, warm_up
+from helpers import assert_same_bits, fingerprint, regression_data, warm_up
 from distlr import LRFinder, LRFinderResult, NoSuggestionError, find_optimal_lr
 
 

@@ -12,7 +12,6 @@ and the ZeRO cells another (a launch costs seconds of imports). The cell itself 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from distlr.report import atomic_path
 from distlr.result import LRFinderResult
 
 
@@ -51,15 +50,9 @@ def plot_result(
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     path = Path(output_path)
-    # Through a temp file and a rename: an interrupted save never leaves half a PNG behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".png")
-    os.close(fd)
-    try:
+    # An interrupted save never leaves half a PNG behind.
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -1,71 +1,213 @@
-"""From the recorded curve to an ``LRFinderResult``: cut at divergence, suggest, recommend.
+"""From the recorded curve to an ``LRFinderResult``: cut at divergence, suggest, check the
+range, measure how firm the suggestion is, recommend a schedule.
 
-Pure: no torch.distributed, no I/O. Rank 0 calls it and broadcasts what it returns.
+Pure: numpy only, no torch.distributed, no I/O. Rank 0 calls it and broadcasts what it returns.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
+
+from distlr.curve import Curve, ema, local_linear
 from distlr.result import LRFinderResult
 from distlr.schedule import recommend_schedule
-from distlr.suggest import suggest_all
-from distlr.sweep import SweepHistory
+from distlr.suggest import (MIN_POINTS, MIN_RELATIVE_DROP, MIN_WIDTH, NOISE_FACTOR,
+                            significant_drop, SKIP_FRACTION, SUGGESTION_RULES, WIDTH_FRACTION, Descent,
+                            Suggestion, SuggestionRule, at_or_below, find_descent, suggest_all)
+
+PEAK_FACTOR = 3.0
+"""The one-cycle / warmup-cosine peak is this many times the constant-LR suggestion ..."""
+
+PEAK_GUARD = 3.0
+"""... but never above the LR where the descent ends (``Descent.bottom``) divided by this."""
+
+CONFIDENCE_DRAWS = 48
+"""Bootstrap resamples of the curve's noise behind ``result.confidence`` (a few ms in all)."""
+
+WIDE_SPREAD = 4.0
+"""A suggestion whose 10-90 % bootstrap range spans more than this factor is called uncertain."""
+
+EARLY_DIVERGENCE_FRACTION = 0.1
+"""Diverging within this fraction of the ladder means the range started too high."""
+
+END_FRACTION = 0.05
+"""A loss minimum within this fraction of the last point means the loss may still be falling ..."""
+
+END_SLOPE_SHARE = 0.25
+"""... if over that last stretch it still falls at this share of its fastest rate or more."""
+
+START_SLOPE_SHARE = 0.5
+"""A loss that falls at this share of its fastest rate over the first points has no flat start."""
 
 
-def usable_points(history: SweepHistory) -> tuple[list[float], list[float]]:
-    """The ``(lrs, smoothed losses)`` the suggestion rules may look at.
+def usable_curve(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
+                 diverged_at: int | None) -> Curve:
+    """The points the rules may read: those before the diverging point (the explosion, not the
+    curve), and of those only the ones whose loss is finite."""
+    end = diverged_at if diverged_at is not None else len(losses)
+    keep = [i for i in range(end) if math.isfinite(losses[i]) and math.isfinite(smoothed[i])]
+    return Curve.of([lrs[i] for i in keep], [losses[i] for i in keep], [smoothed[i] for i in keep])
 
-    The diverging point itself is left out (it is the explosion, not the curve), and so is
-    anything non-finite.
+
+def peak_lr(curve: Curve, chosen: Suggestion) -> Suggestion:
+    """The peak of a one-cycle or warmup-cosine schedule built on ``chosen`` (the constant LR).
+
+    ``PEAK_FACTOR`` x the constant LR, capped by the loss minimum's LR / ``PEAK_GUARD`` and
+    never below the constant LR itself; a point of the ladder like every suggestion.
     """
-    end = history.diverged_at if history.diverged_at is not None else len(history.smoothed)
-    pairs = [(lr, s) for lr, s in zip(history.lrs[:end], history.smoothed[:end]) if math.isfinite(s)]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    if chosen.lr is None:
+        return chosen
+    descent = find_descent(curve)
+    bottom = descent.bottom if isinstance(descent, Descent) else int(np.argmin(curve.smoothed))
+    target = max(chosen.lr, min(chosen.lr * PEAK_FACTOR, float(curve.lrs[bottom]) / PEAK_GUARD))
+    return at_or_below(curve, target, what="the peak")
+
+
+def rule_outputs(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
+                 diverged_at: int | None) -> dict[str, float | None]:
+    """Every rule's LR for one recorded curve, by rule name, plus ``"one_cycle"`` (the peak
+    built on the default rule). The suggestion benchmark re-scores stored curves with it."""
+    curve = usable_curve(lrs, losses, smoothed, diverged_at)
+    suggestions = suggest_all(curve)
+    out: dict[str, float | None] = {name: s.lr for name, s in suggestions.items()}
+    out["one_cycle"] = peak_lr(curve, suggestions["steepest_gradient"]).lr
+    return out
+
+
+def confidence(curve: Curve, rule: SuggestionRule, *, smooth_factor: float, draws: int = CONFIDENCE_DRAWS,
+               seed: int = 0) -> dict[str, float] | None:
+    """How far the rule's pick moves under the curve's own noise (a parametric bootstrap).
+
+    The raw losses are split into a trend (the zero-lag smoother at its narrowest, so the
+    trend keeps the curve's bends) and a noise level (``distlr.curve.noise_level``, robust to
+    the trend); each draw puts fresh normal noise of that level on the trend, recomputes the
+    EMA and asks the rule again. A fixed seed on a private generator: the same answer every
+    time, and no global RNG is touched.
+
+    Returns:
+        ``{"low", "high"}`` (the 10th and 90th percentile picks), ``"spread"`` (high / low),
+        ``"answered"`` (the fraction of draws with a suggestion) and ``"draws"``; None for a
+        curve too short to resample.
+    """
+    n = len(curve)
+    if n < MIN_POINTS:
+        return None
+    fit = local_linear(np.log10(curve.lrs), curve.losses, MIN_WIDTH)
+    rng = np.random.default_rng(seed)
+    picks = []
+    for _ in range(draws):
+        losses = fit.level + rng.normal(0.0, fit.noise, n)
+        pick = rule(Curve(curve.lrs, losses, ema(losses, smooth_factor))).lr
+        if pick is not None:
+            picks.append(math.log10(pick))
+    if not picks:
+        return {"low": math.nan, "high": math.nan, "spread": math.nan, "answered": 0.0, "draws": draws}
+    low, high = 10 ** np.percentile(picks, 10), 10 ** np.percentile(picks, 90)
+    return {"low": float(low), "high": float(high), "spread": float(high / low),
+            "answered": len(picks) / draws, "draws": draws}
+
+
+def range_notes(curve: Curve, *, num_steps: int, stop_reason: str, diverged_at: int | None,
+                max_lr: float, min_lr: float) -> list[str]:
+    """What was wrong with the range the sweep tried, and what to change. Empty when nothing."""
+    notes = []
+    n = len(curve)
+    if stop_reason != "completed" and diverged_at is not None and diverged_at < max(
+            MIN_POINTS, EARLY_DIVERGENCE_FRACTION * num_steps):
+        notes.append(f"the loss diverged at step {diverged_at + 1} of {num_steps}, almost at once: the range "
+                     f"started too high; lower min_lr (e.g. to {min_lr / 1000:.0e})")
+    elif n < MIN_POINTS:
+        notes.append(f"only {n} usable points: raise num_steps (at least {MIN_POINTS * 4} is sensible)")
+    if n < MIN_POINTS:
+        return notes
+    fit = local_linear(np.log10(curve.lrs), curve.losses, max(MIN_WIDTH, WIDTH_FRACTION * n))
+    start = max(1, int(SKIP_FRACTION * n))
+    lowest = start + int(np.argmin(fit.level[start:]))
+    peak = start + int(np.argmax(fit.level[start: lowest + 1]))
+    top = float(fit.level[peak])
+    drop = top - float(fit.level[lowest])
+    wide_drop, noise = significant_drop(np.log10(curve.lrs), curve.losses, fit, max(MIN_WIDTH, WIDTH_FRACTION * n),
+                                        start)
+    falling = wide_drop > NOISE_FACTOR * noise and drop > MIN_RELATIVE_DROP * abs(top)
+    # Still falling: the minimum is at the end and the loss there still falls at a good part of
+    # its fastest rate (a curve that has flattened out has its minimum at the end too).
+    tail = max(1, int(END_FRACTION * n))
+    fastest = float(np.min(fit.slope[start: lowest + 1]))
+    end_slope = float(np.mean(fit.slope[n - 1 - tail:]))
+    if stop_reason == "completed" and falling and lowest >= n - 1 - tail and end_slope < END_SLOPE_SHARE * fastest:
+        notes.append(f"the loss was still falling at max_lr={max_lr:.3g}: the best LR may lie above the range "
+                     f"and every suggestion is capped by it; raise max_lr (e.g. to {max_lr * 100:.0e})")
+    if falling and float(np.mean(fit.slope[: start + 1])) < START_SLOPE_SHARE * fastest:
+        notes.append(f"the loss was already falling at min_lr={min_lr:.3g}: the flat start is missing, so the "
+                     f"descent may begin below the range; lower min_lr (e.g. to {min_lr / 100:.0e})")
+    return notes
 
 
 def build_result(
-    history: SweepHistory,
     *,
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    smoothed: Sequence[float],
+    stop_reason: str,
+    diverged_at: int | None,
     min_lr: float,
     max_lr: float,
     num_steps: int,
+    smooth_factor: float,
     suggestion_method: str,
     step_mode: str,
     world_size: int,
     micro_batch_size: int | None,
     accumulation_steps: int,
     elapsed_s: float,
+    skipped_steps: int = 0,
     total_steps: int | None = None,
     notes: list[str] | None = None,
 ) -> LRFinderResult:
-    """Assemble the result of a sweep: every rule's suggestion, the chosen one, a schedule."""
-    lrs, smoothed = usable_points(history)
-    suggestions = suggest_all(lrs, smoothed)
+    """Assemble the result of a sweep: every rule's suggestion, the chosen one, the peak for a
+    schedule, how firm the choice is, what was wrong with the range, a schedule."""
+    curve = usable_curve(lrs, losses, smoothed, diverged_at)
+    suggestions = suggest_all(curve)
     chosen = suggestions[suggestion_method]
     notes = list(notes or [])
-    if history.skipped_steps:
-        notes.append(f"{history.skipped_steps} fp16 step(s) overflowed and were retried at the same LR")
+    if skipped_steps:
+        notes.append(f"{skipped_steps} fp16 step(s) overflowed and were retried at the same LR")
+    peak = peak_lr(curve, chosen)
+    spread = confidence(curve, SUGGESTION_RULES[suggestion_method], smooth_factor=smooth_factor) \
+        if chosen.lr is not None else None
+    if spread is not None and (spread["answered"] < 0.8 or spread["spread"] > WIDE_SPREAD):
+        notes.append(
+            f"the suggestion is uncertain: under the curve's own noise it moves between {spread['low']:.2e} and "
+            f"{spread['high']:.2e} (and {1 - spread['answered']:.0%} of resampled curves give none); a larger "
+            "batch or more num_steps gives a firmer answer"
+        )
     best_idx = None
     if chosen.lr is not None:
-        # Map the index in the usable points back onto the recorded curve.
-        best_idx = history.lrs.index(lrs[chosen.index])
+        # Map the index among the usable points back onto the recorded curve.
+        best_idx = list(lrs).index(float(curve.lrs[chosen.index]))
     global_batch = None if micro_batch_size is None else micro_batch_size * world_size * accumulation_steps
     return LRFinderResult(
         optimal_lr=chosen.lr,
         min_lr=min_lr,
         max_lr=max_lr,
         num_steps=num_steps,
-        lrs=list(history.lrs),
-        losses=list(history.losses),
-        smoothed_losses=list(history.smoothed),
+        lrs=list(lrs),
+        losses=list(losses),
+        smoothed_losses=list(smoothed),
         best_lr_idx=best_idx,
         suggestion_method=suggestion_method,
-        stop_reason=history.stop_reason,
-        diverged_at=history.diverged_at,
+        stop_reason=stop_reason,
+        diverged_at=diverged_at,
         suggestion_note=chosen.reason,
         suggestions={name: s.lr for name, s in suggestions.items()},
-        schedule=None if chosen.lr is None else recommend_schedule(chosen.lr, total_steps=total_steps),
+        peak_lr=peak.lr,
+        confidence=spread,
+        range_notes=range_notes(curve, num_steps=num_steps, stop_reason=stop_reason, diverged_at=diverged_at,
+                                max_lr=max_lr, min_lr=min_lr),
+        schedule=None if peak.lr is None else recommend_schedule(peak.lr, total_steps=total_steps),
         step_mode=step_mode,
         world_size=world_size,
         micro_batch_size=micro_batch_size,

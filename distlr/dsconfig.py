@@ -150,27 +150,32 @@ def total_steps_from(config: Mapping[str, Any]) -> int | None:
     return total if isinstance(total, int) and not isinstance(total, bool) and total > 0 else None
 
 
-def tuned_config(config: Mapping[str, Any], optimal_lr: float, schedule: Mapping[str, Any]) -> tuple[dict, list[str]]:
-    """The user's config with ``optimizer.params.lr`` = ``optimal_lr`` and a scheduler built on it.
+def tuned_config(config: Mapping[str, Any], constant_lr: float, schedule: Mapping[str, Any]) -> tuple[dict, list[str]]:
+    """The user's config with the suggested LR in ``optimizer.params.lr`` and a scheduler.
 
-    With a known training length the scheduler is ``schedule``'s WarmupCosineLR; without one it
-    is a WarmupLR (warm up, then hold), which needs no total, with the user's warmup steps or
-    DeepSpeed's default of 1000. Everything else, "auto" values included, is kept as written.
+    With a known training length the scheduler is ``schedule``'s WarmupCosineLR, and the
+    optimizer's lr is the schedule's peak (``result.peak_lr``: WarmupCosineLR scales it). Without
+    one it is a WarmupLR (warm up, then hold) to ``constant_lr`` (``result.optimal_lr``), with the
+    user's warmup steps or DeepSpeed's default of 1000. Everything else, "auto" values included,
+    is kept as written.
     """
     tuned = copy.deepcopy(dict(config))
     notes = []
-    optimizer = tuned.get("optimizer")
-    if isinstance(optimizer, dict):
-        optimizer.setdefault("params", {})["lr"] = optimal_lr
-    else:
-        notes.append(f"the config has no optimizer block: set your optimizer's lr to {optimal_lr:.3e}")
     block = copy.deepcopy(dict(schedule["deepspeed"]["scheduler"]))
+    lr = float(schedule["peak_lr"])
     if block["params"].get("total_num_steps") is None:
+        lr = constant_lr
         old = ((config.get("scheduler") or {}).get("params") or {}).get("warmup_num_steps")
         warmup = old if isinstance(old, int) and not isinstance(old, bool) and old > 0 else 1000
-        block = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": optimal_lr,
+        block = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
                                                 "warmup_num_steps": warmup, "warmup_type": "linear"}}
         notes.append("no training length known (total_steps, or the config's scheduler total_num_steps): the tuned "
-                     "scheduler is WarmupLR (warmup, then constant); pass total_steps for WarmupCosineLR")
+                     "scheduler is WarmupLR (warmup, then the constant suggestion); pass total_steps for "
+                     "WarmupCosineLR to the one-cycle peak")
+    optimizer = tuned.get("optimizer")
+    if isinstance(optimizer, dict):
+        optimizer.setdefault("params", {})["lr"] = lr
+    else:
+        notes.append(f"the config has no optimizer block: set your optimizer's lr to {lr:.3e}")
     tuned["scheduler"] = block
     return tuned, notes

@@ -254,7 +254,9 @@ class LRFinder:
             if cycled:
                 notes.append(f"train_dataloader ran out before {num_steps} steps and was cycled (new epochs)")
             result = self._result(
-                history, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, suggestion_method=suggestion_method,
+                lrs=history.lrs, losses=history.losses, smoothed=history.smoothed, stop_reason=history.stop_reason,
+                diverged_at=history.diverged_at, skipped_steps=history.skipped_steps, smooth_factor=smooth_factor,
+                min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, suggestion_method=suggestion_method,
                 step_mode=step_mode, micro_batch_size=backend.micro_batch_size, accumulation_steps=accumulation_steps,
                 elapsed_s=elapsed, total_steps=total_steps, notes=notes,
             )
@@ -307,9 +309,9 @@ class LRFinder:
         self._snapshot = snapshot
         return snapshot
 
-    def _result(self, history: Any, **kwargs: Any) -> LRFinderResult:
+    def _result(self, **kwargs: Any) -> LRFinderResult:
         """Rank 0: the result of the sweep, with the tuned DeepSpeed config when there is one."""
-        result = build_result(history, world_size=self.ctx.world_size, **kwargs)
+        result = build_result(world_size=self.ctx.world_size, **kwargs)
         if self._engine is not None:
             result.zero_stage = int(self._engine.zero_optimization_stage())
             if result.optimal_lr is not None and result.schedule is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 from distlr.report import atomic_path
@@ -36,19 +37,29 @@ def plot_result(
         ax.set_xscale("log")
     if show_suggestion and result.optimal_lr is not None and result.best_lr_idx is not None:
         y = result.smoothed_losses[result.best_lr_idx] if result.smoothed_losses else result.losses[result.best_lr_idx]
+        spread = result.confidence
+        if spread is not None and spread["answered"] > 0:
+            ax.axvspan(spread["low"], spread["high"], color="C3", alpha=0.12, linewidth=0,
+                       label=f"suggestion under noise (10-90 %, {spread['spread']:.1f}x)")
         ax.axvline(result.optimal_lr, color="C3", linestyle="--", linewidth=1)
         ax.plot([result.optimal_lr], [y], "o", color="C3",
-                label=f"suggested {result.optimal_lr:.2e} ({result.suggestion_method})")
+                label=f"suggested {result.optimal_lr:.2e} ({result.suggestion_method}, constant)")
+        if result.peak_lr is not None and result.peak_lr != result.optimal_lr:
+            ax.axvline(result.peak_lr, color="C2", linestyle="-.", linewidth=1,
+                       label=f"one-cycle / cosine peak {result.peak_lr:.2e}")
     if result.diverged_at is not None:
         ax.axvline(result.lrs[result.diverged_at], color="C1", linestyle=":", linewidth=1,
-                   label=f"stopped: {result.stop_reason} at step {result.diverged_at}")
+                   label=f"stopped: {result.stop_reason} at step {result.diverged_at + 1}")
     _limit_y(ax, result)
+    if result.range_notes:
+        wrapped = "\n".join(textwrap.fill(note, 110) for note in result.range_notes)
+        fig.text(0.01, 0.01, wrapped, fontsize="x-small", color="C3", va="bottom")
     ax.set_xlabel("learning rate" + (" (log scale)" if log_scale else ""))
     ax.set_ylabel("loss (mean over all ranks)")
     ax.set_title(f"LR range test: {len(result.losses)} steps, {result.world_size} rank(s)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * _note_lines(result), 1, 1))
     path = Path(output_path)
     # An interrupted save never leaves half a PNG behind.
     with atomic_path(path) as tmp:
@@ -56,12 +67,23 @@ def plot_result(
     return path
 
 
+def _note_lines(result: LRFinderResult) -> int:
+    return sum(len(textwrap.wrap(note, 110)) for note in result.range_notes)
+
+
 def _limit_y(ax, result: LRFinderResult) -> None:
-    # The diverging point can sit orders of magnitude above the curve; scale to what came before.
+    # Follow the descent and the minimum: from a little below the lowest smoothed loss to a
+    # little above where the smoothed curve started its fall. The run-up to divergence and raw
+    # spikes can sit far above and would flatten the part a reader needs.
     end = result.diverged_at if result.diverged_at is not None else len(result.losses)
-    shown = [v for v in result.losses[:end] + result.smoothed_losses[:end] if math.isfinite(v)]
-    if len(shown) < 2:
+    curve = [v for v in (result.smoothed_losses or result.losses)[:end] if math.isfinite(v)]
+    if len(curve) < 2:
         return
-    low, high = min(shown), max(shown)
-    pad = 0.05 * ((high - low) or abs(high) or 1.0)
-    ax.set_ylim(low - pad, high + pad)
+    lowest = min(range(len(curve)), key=curve.__getitem__)
+    high = max(curve[: lowest + 1])
+    # The smoothed curve lags the raw one, which can fall further: include the raw losses, but
+    # not their lowest 2 % (single batches that happened to be easy).
+    raw = sorted(v for v in result.losses[:end] if math.isfinite(v))
+    low = min(curve[lowest], raw[len(raw) // 50] if raw else curve[lowest])
+    span = (high - low) or abs(high) or 1.0
+    ax.set_ylim(low - 0.05 * span, high + 0.25 * span)

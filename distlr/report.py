@@ -59,10 +59,17 @@ class ProgressReporter:
 
 
 def summary(result: LRFinderResult) -> str:
-    """A few lines for the terminal: the suggestion (or why there is none), how the run ended."""
+    """A few lines for the terminal: the suggestion (or why there is none), how firm it is,
+    what was wrong with the range, how the run ended."""
     lines = []
     if result.optimal_lr is not None:
-        lines.append(f"suggested lr: {result.optimal_lr:.3e}  ({result.suggestion_method})")
+        lines.append(f"suggested lr: {result.optimal_lr:.3e}  ({result.suggestion_method}; constant LR)")
+        if result.peak_lr is not None:
+            lines.append(f"schedule:     one-cycle / warmup-cosine peak {result.peak_lr:.3e}")
+        spread = result.confidence
+        if spread is not None and spread["answered"] > 0:
+            lines.append(f"confidence:   {spread['low']:.2e} .. {spread['high']:.2e} under the curve's own noise "
+                         f"({spread['spread']:.1f}x)")
     else:
         lines.append(f"no suggestion ({result.suggestion_method}): {result.suggestion_note}")
     others = ", ".join(
@@ -71,16 +78,19 @@ def summary(result: LRFinderResult) -> str:
     lines.append(f"all rules:    {others}")
     ended = {
         "completed": f"ran all {result.num_steps} steps",
-        "diverged": f"loss diverged at step {result.diverged_at} (lr {_lr_at(result)}), stopped",
-        "non_finite": f"loss was not finite at step {result.diverged_at} (lr {_lr_at(result)}), stopped",
+        "diverged": f"loss diverged at step {_step_of(result)} (lr {_lr_at(result)}), stopped",
+        "non_finite": f"loss was not finite at step {_step_of(result)} (lr {_lr_at(result)}), stopped",
     }[result.stop_reason]
     batch = f", global batch {result.global_batch_size}" if result.global_batch_size else ""
     lines.append(f"sweep:        {ended}; {result.world_size} rank(s){batch}; {result.elapsed_s:.1f} s")
-    if result.schedule is not None:
-        one = result.schedule["one_cycle"]
-        lines.append(f"one-cycle:    max_lr {one['max_lr']:.2e}, start {one['initial_lr']:.2e}, end {one['final_lr']:.2e}")
+    lines.extend(f"range:        {note}" for note in result.range_notes)
     lines.extend(f"note:         {note}" for note in result.notes)
     return "\n".join(lines)
+
+
+def _step_of(result: LRFinderResult) -> str:
+    # Steps count from 1 here, as in the progress log.
+    return "-" if result.diverged_at is None else str(result.diverged_at + 1)
 
 
 def _lr_at(result: LRFinderResult) -> str:

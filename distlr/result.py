@@ -8,11 +8,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# Why the sweep ended. "diverged": the smoothed loss rose past the threshold; "non_finite": a loss
-# was NaN/inf on some rank; "completed": every step of the ladder ran.
-STOP_REASONS = ("completed", "diverged", "non_finite")
-
-
 @dataclass
 class LRFinderResult:
     """The outcome of ``LRFinder.find()``.
@@ -39,15 +34,23 @@ class LRFinderResult:
     suggestion_method: str
     # -- why and how it ran ------------------------------------------------------------------
     stop_reason: str = "completed"
-    """One of STOP_REASONS."""
+    """Why the sweep ended: "completed" (every step ran), "diverged" (the smoothed loss rose past
+    the threshold) or "non_finite" (a loss was NaN/inf on some rank)."""
     diverged_at: int | None = None
     """Index of the step at which the loss diverged (it is the last recorded point), or None."""
     suggestion_note: str | None = None
     """Why there is no suggestion, when ``optimal_lr`` is None."""
     suggestions: dict[str, float | None] = field(default_factory=dict)
     """Every rule's suggestion, by name (None where that rule had no sound answer)."""
+    peak_lr: float | None = None
+    """The peak LR for a one-cycle or warmup-cosine schedule (``optimal_lr`` is the constant LR)."""
+    confidence: dict[str, float] | None = None
+    """How far ``optimal_lr`` moves under the curve's own noise: ``low``/``high`` (10th/90th
+    percentile of a bootstrap), ``spread`` (high / low), ``answered``, ``draws``."""
+    range_notes: list[str] = field(default_factory=list)
+    """What was wrong with the range tried (still falling at max_lr, diverged at once, ...)."""
     schedule: dict[str, Any] | None = None
-    """A schedule built on ``optimal_lr`` in pasteable forms (see ``distlr.schedule``)."""
+    """A schedule whose peak is ``peak_lr``, in pasteable forms (see ``distlr.schedule``)."""
     step_mode: str = "exp"
     world_size: int = 1
     micro_batch_size: int | None = None

@@ -1,38 +1,73 @@
 """Suggestion rules: from a range-test curve to one learning rate, or to a reason there is none.
 
-Pure math: no torch, no I/O. Every rule has the same signature, ``rule(lrs, losses) ->
-Suggestion``, where ``lrs`` is the increasing LR ladder (exponential or linear) and ``losses`` the
-smoothed loss at each LR, already cut where the sweep diverged. Before computing anything, every
-rule refuses curves that cannot carry a suggestion (too few points, a loss that never fell) and
-says why instead of returning a number that means nothing.
+Pure math: numpy only, no torch, no I/O. Every rule has one signature, ``rule(curve) ->
+Suggestion``, where ``curve`` (a ``distlr.curve.Curve``) holds the ladder, the raw losses and the
+recorded EMA, already cut where the sweep diverged. Every rule answers with a learning rate the
+sweep actually tried (a point of the ladder) or says why it has none.
+
+The constants below were set with the suggestion benchmark (``benchmarks/suggestion/``); the
+evidence for each is in ``benchmarks/README.md``, section "Suggestion quality".
 """
 
 from __future__ import annotations
 
 import bisect
-import difflib
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from distlr.curve import Curve, LocalFit, local_linear
 
 MIN_POINTS = 5
 """Fewest usable points a curve needs before any rule will suggest an LR."""
 
 MIN_RELATIVE_DROP = 0.01
-"""The lowest loss must sit at least this fraction of ``|first loss|`` below the first loss."""
+"""The loss must fall by at least this fraction of its starting level."""
 
 MIN_ABSOLUTE_DROP = 1e-12
 """Floor on the required drop, so that a curve starting at a loss of exactly 0 is judged too."""
 
-TRIM_START_FRACTION = 0.1
-"""``steepest_gradient`` ignores this fraction of the first points (at least one point)."""
+WIDTH_FRACTION = 0.04
+"""``steepest_gradient``'s zero-lag smoother averages over a Gaussian of this fraction of the
+points (4 of 100), at least ``MIN_WIDTH``."""
 
-MIN_WINDOW_POINTS = 3
-"""``steepest_gradient`` needs this many points in its trimmed window to trust a slope."""
+MIN_WIDTH = 1.5
+"""Narrowest smoothing kernel, in points (short sweeps of 30 points still average ~5 raw losses)."""
+
+SKIP_FRACTION = 0.05
+"""``steepest_gradient`` searches for the minimum and the steepest point only after this
+fraction of the points (at least one): the smoother is one-sided there."""
+
+NOISE_FACTOR = 5.0
+"""A descent counts only if it exceeds this many standard deviations of itself (see
+``significant_drop``). On pure noise, 400 curves each of 30, 50, 100 and 300 points, the largest
+such drop was 3.9-5.4 of them for normal noise (99th percentile 3.4-3.8; log-normal 3.9-4.7),
+and the 99th percentile was 5.4-6.9 for heavy-tailed noise (Student t, 3 dof): 5 refuses pure
+noise and keeps real but noisy descents (tests/test_suggest.py)."""
+
+SIGNIFICANCE_WIDENING = 3.0
+"""The noise test reads the level before the descent on a smoothing this many times wider than
+the rule's: a flat start spans many points, and its noise shrinks by about the square root."""
+
+BOTTOM_TOLERANCE = 0.05
+"""The descent ends at the first point within this fraction of the drop above the minimum: on
+a flat bottom the exact minimum is wherever the noise put it, its start is not."""
+
+DESCENT_BAND = 0.2
+"""The steepest point is searched where the loss has already fallen by this fraction of the
+whole drop, so a wiggle on a flat, noisy start cannot win."""
+
+MARGIN = 3.0
+"""The seed's "slightly below": the constant LR is the steepest point's LR divided by this."""
+
+GUARD = 10.0
+"""Never suggest more than the LR where the descent ends divided by this: past it the run-up to
+divergence begins."""
 
 MINIMUM_DIVISOR = 10.0
-"""``minimum`` suggests the LR of the lowest loss divided by this."""
+"""``minimum`` suggests the LR of the lowest loss divided by this (fastai's rule)."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +83,9 @@ class Suggestion:
     """
 
     lr: float | None
-    """The suggested learning rate, or None when there is no sound suggestion."""
+    """The suggested learning rate (a point of the ladder), or None."""
     index: int | None
-    """Index into ``lrs`` of the ladder point the suggestion sits on; the nearest one in log10
-    space when ``lr`` itself is not on the ladder (``minimum``). None when ``lr`` is None."""
+    """Index into the curve of the ladder point ``lr`` is. None when ``lr`` is None."""
     reason: str | None
     """Why there is no suggestion, in words a user can act on. None when ``lr`` is set."""
 
@@ -64,137 +98,163 @@ class Suggestion:
             )
 
 
-SuggestionRule = Callable[[Sequence[float], Sequence[float]], Suggestion]
+SuggestionRule = Callable[[Curve], Suggestion]
 
 
-def steepest_gradient(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
-    """Suggest the LR where the loss falls fastest against log10(lr).
+@dataclass(frozen=True)
+class Descent:
+    """Where a curve falls, as ``steepest_gradient`` reads it on the zero-lag smoothing."""
 
-    The slope is ``numpy.gradient(losses, log10(lrs))``, so an exponential and a linear ladder are
-    measured on the same axis. It is searched over a trimmed window of point indices
-    ``[start, m)``, which must hold at least ``MIN_WINDOW_POINTS`` (3) points:
+    fit: LocalFit
+    start: int
+    """First point searched (after the skipped, one-sided start)."""
+    lowest: int
+    """Index of the loss minimum, searched from ``start`` on."""
+    bottom: int
+    """Where the descent ends: the first point within ``BOTTOM_TOLERANCE`` of the drop above
+    the minimum."""
+    steepest: int
+    """Index of the most negative slope between the start of the descent and the minimum."""
 
-    - ``start = max(1, int(TRIM_START_FRACTION * n))``: the first smoothed points rest on very few
-      raw losses, and their jumps would otherwise win as the "steepest" descent;
-    - ``m`` is the (first) index of the lowest loss, excluded: past it the curve climbs towards
-      divergence, and the slope at the minimum itself is a difference taken across the turn.
 
-    On equal slopes the first (lowest) LR wins.
+def find_descent(curve: Curve, *, width_fraction: float = WIDTH_FRACTION, skip_fraction: float = SKIP_FRACTION,
+                 noise_factor: float = NOISE_FACTOR, band: float = DESCENT_BAND) -> Descent | Suggestion:
+    """The descent of a curve on its zero-lag smoothing, or a ``Suggestion`` saying why none.
 
-    Args:
-        lrs: the LR ladder, strictly increasing and positive (list or 1-D array).
-        losses: the smoothed loss at each LR, finite, same length.
-
-    Returns:
-        The ``Suggestion`` at the most negative slope in the window; no suggestion when the window
-        has fewer than ``MIN_WINDOW_POINTS`` points or no negative slope.
-
-    Raises:
-        ValueError: for mismatched lengths, non-finite values, or a ladder that is not positive
-            and strictly increasing.
-
-    Example:
-        >>> lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
-        >>> steepest_gradient(lrs, [2.0, 2.1, 1.2, 0.9, 0.8, 0.7, 3.0]).lr
-        0.001
+    The keyword arguments default to the module's constants; the suggestion benchmark varies
+    them.
     """
-    lr_arr, loss_arr = _as_curve(lrs, losses)
-    refusal = _refuse_unusable(lr_arr, loss_arr)
+    refusal = _refuse_short(curve)
     if refusal is not None:
         return refusal
-    n = len(loss_arr)
-    start = max(1, int(TRIM_START_FRACTION * n))
-    lowest = int(np.argmin(loss_arr))
-    if lowest - start < MIN_WINDOW_POINTS:
+    n = len(curve)
+    log_lrs = np.log10(curve.lrs)
+    fit = local_linear(log_lrs, curve.losses, max(MIN_WIDTH, width_fraction * n))
+    level = fit.level
+    start = max(1, int(skip_fraction * n))
+    lowest = start + int(np.argmin(level[start:]))
+    # The level is one-sided (and noisier) before ``start``: the descent is measured after it.
+    peak = start + int(np.argmax(level[start: lowest + 1]))
+    top, bottom_level = float(level[peak]), float(level[lowest])
+    drop = top - bottom_level
+    if drop < max(MIN_RELATIVE_DROP * abs(top), MIN_ABSOLUTE_DROP):
         return _no_suggestion(
-            f"the loss bottomed out at lr={lr_arr[lowest]:.3g} (point {lowest + 1} of {n}), leaving "
-            f"{max(lowest - start, 0)} points of descent after skipping the first {start} "
-            f"(need {MIN_WINDOW_POINTS}); lower min_lr so the sweep starts before the loss falls, "
-            "or raise num_steps"
+            f"the loss never fell by {MIN_RELATIVE_DROP:.0%} (from {top:.4g} to at best {bottom_level:.4g}) between "
+            f"lr={curve.lrs[0]:.3g} and lr={curve.lrs[-1]:.3g}; raise max_lr or num_steps, or check that the "
+            "model and data can learn (labels, loss, frozen parameters)"
         )
-    slopes = np.gradient(loss_arr, np.log10(lr_arr))[start:lowest]
-    steepest = int(np.argmin(slopes))
-    if slopes[steepest] >= 0:
-        # Only an uneven ladder gets here: on an exponential or linear one, the point just before
-        # the first minimum always slopes down, since every earlier loss is higher.
+    wide_drop, noise = significant_drop(log_lrs, curve.losses, fit, max(MIN_WIDTH, width_fraction * n), start)
+    if wide_drop < noise_factor * noise:
         return _no_suggestion(
-            f"the loss never slopes down between lr={lr_arr[start]:.3g} and lr={lr_arr[lowest]:.3g} "
-            "once the first noisy points are skipped; lower min_lr or raise num_steps so the descent "
-            "is sampled, or try suggestion_method='valley'"
+            f"the loss fell by {wide_drop:.3g}, within the noise of its smoothed curve (about {noise:.2g}; batch to "
+            f"batch {fit.noise:.2g}): the curve holds no clear descent. Raise the batch size or num_steps, or "
+            "widen the range (min_lr, max_lr)"
         )
-    index = start + steepest
-    return Suggestion(lr=float(lr_arr[index]), index=index, reason=None)
+    begun = level <= top - band * drop
+    candidates = [i for i in range(max(start, peak), lowest) if begun[i] and fit.slope[i] < 0]
+    if not candidates:
+        return _no_suggestion(
+            f"the loss reached its minimum at lr={curve.lrs[lowest]:.3g} (point {lowest + 1} of {n}) with no "
+            "descent before it to measure; lower min_lr so the sweep starts before the loss falls, or raise "
+            "num_steps"
+        )
+    steepest = min(candidates, key=lambda i: (fit.slope[i], i))
+    bottom = next(i for i in range(steepest, lowest + 1) if level[i] <= bottom_level + BOTTOM_TOLERANCE * drop)
+    return Descent(fit=fit, start=start, lowest=lowest, bottom=bottom, steepest=steepest)
 
 
-def valley(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
-    """Suggest the LR in the middle of the longest stretch over which the loss keeps descending.
+def significant_drop(log_lrs: np.ndarray, losses: np.ndarray, fit: LocalFit, width: float,
+                     start: int) -> tuple[float, float]:
+    """``(drop, sd)``: how far the loss falls after ``start`` and the standard deviation that noise
+    alone gives that difference.
 
-    For every point, the length of the longest strictly decreasing subsequence of the loss that
-    ends there is computed (patience sorting, O(n log n)). The point with the greatest length
-    (the first on ties, which reaches the lower loss) is the valley's end, ``end - length + 1`` its
-    start; the suggestion is the ladder point nearest, in log10 space, to the midpoint of
-    ``log10(lrs[start])`` and ``log10(lrs[end])`` (the lower one on a tie). A subsequence may skip small bumps, so the
-    valley is read as "about ``length`` points ending at ``end``", which keeps a long, flat and
-    noisy start of the curve from stretching it.
+    The bottom is the minimum of ``fit`` (the rule's own smoothing: a minimum can be sharp); the
+    top, the highest level before it of a smoothing ``SIGNIFICANCE_WIDENING`` times wider (a
+    flat start is long, and the wide smoothing averages its noise further down).
+    """
+    lowest = start + int(np.argmin(fit.level[start:]))
+    wide = local_linear(log_lrs, losses, SIGNIFICANCE_WIDENING * width)
+    peak = start + int(np.argmax(wide.level[start: lowest + 1]))
+    return float(wide.level[peak] - fit.level[lowest]), math.hypot(wide.level_sd[peak], fit.level_sd[lowest])
 
-    Args:
-        lrs: the LR ladder, strictly increasing and positive (list or 1-D array).
-        losses: the smoothed loss at each LR, finite, same length.
 
-    Returns:
-        The ``Suggestion`` at the valley's log-midpoint, or no suggestion with a reason.
+def steepest_gradient(curve: Curve) -> Suggestion:
+    """Find where the loss falls fastest and suggest a learning rate somewhat below it.
 
-    Raises:
-        ValueError: for mismatched lengths, non-finite values, or a ladder that is not positive
-            and strictly increasing.
+    Read on a zero-lag smoothing of the raw losses (``distlr.curve.local_linear``), not on the
+    lagging EMA:
+
+    1. the loss minimum is found after the first ``SKIP_FRACTION`` of the points;
+    2. the descent before it must exceed ``NOISE_FACTOR`` times the smoothed curve's own noise
+       and 1 % of the loss, or there is no suggestion;
+    3. the steepest point (most negative slope against log10 lr) is searched where the loss has
+       already fallen by ``DESCENT_BAND`` of the whole drop, up to the minimum;
+    4. the suggestion is that point's LR / ``MARGIN``, but never more than the LR where the
+       descent ends (``Descent.bottom``) / ``GUARD``, taken as the ladder point at or just below.
+
+    Example:
+        >>> import numpy as np
+        >>> lrs = np.geomspace(1e-6, 1.0, 100)
+        >>> losses = 1 + 1 / (1 + (lrs / 1e-3) ** 2) + 3 * np.clip(np.log10(lrs) + 2, 0, None) ** 2
+        >>> round(np.log10(steepest_gradient(Curve.of(lrs, losses)).lr), 1)
+        -3.5
+    """
+    return steepest_with(curve)
+
+
+def steepest_with(curve: Curve, *, margin: float = MARGIN, guard: float = GUARD, **descent_args: float) -> Suggestion:
+    """``steepest_gradient`` with its constants as arguments (for the suggestion benchmark)."""
+    descent = find_descent(curve, **descent_args)
+    if isinstance(descent, Suggestion):
+        return descent
+    target = min(curve.lrs[descent.steepest] / margin, curve.lrs[descent.bottom] / guard)
+    return at_or_below(curve, target, what="the suggestion")
+
+
+def valley(curve: Curve) -> Suggestion:
+    """Suggest the LR in the middle of the longest stretch over which the smoothed loss keeps falling.
+
+    fastai's ``valley``, on the recorded EMA: for every point, the length of the longest strictly
+    decreasing subsequence ending there (patience sorting, O(n log n)). The point with the
+    greatest length (the first on ties) is the valley's end, ``end - length + 1`` its start; the
+    suggestion is the ladder point nearest, in log10 space, to their midpoint (the lower on a
+    tie).
 
     Example:
         >>> lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
-        >>> valley(lrs, [2.0, 2.1, 1.2, 0.9, 0.8, 0.7, 3.0]).lr
+        >>> losses = [2.0, 2.1, 1.2, 0.9, 0.8, 0.7, 3.0]
+        >>> valley(Curve.of(lrs, losses, losses)).lr
         0.01
     """
-    lr_arr, loss_arr = _as_curve(lrs, losses)
-    refusal = _refuse_unusable(lr_arr, loss_arr)
+    refusal = _refuse_short(curve) or _refuse_no_drop(curve.lrs, curve.smoothed)
     if refusal is not None:
         return refusal
-    lengths = _descent_lengths(loss_arr)
+    lengths = _descent_lengths(curve.smoothed)
     end = int(np.argmax(lengths))
     start = end - int(lengths[end]) + 1
-    log_lrs = np.log10(lr_arr)
-    index = _nearest_index(log_lrs, (log_lrs[start] + log_lrs[end]) / 2.0)
-    return Suggestion(lr=float(lr_arr[index]), index=index, reason=None)
+    log_lrs = np.log10(curve.lrs)
+    index = int(np.argmin(np.abs(log_lrs - (log_lrs[start] + log_lrs[end]) / 2.0)))
+    return Suggestion(lr=float(curve.lrs[index]), index=index, reason=None)
 
 
-def minimum(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
-    """Suggest the LR of the lowest loss divided by ``MINIMUM_DIVISOR`` (10).
+def minimum(curve: Curve) -> Suggestion:
+    """Suggest the LR of the lowest smoothed loss divided by ``MINIMUM_DIVISOR`` (10).
 
-    At the minimum the loss has stopped improving and divergence is near, so a tenth of it is a
-    conservative rule of thumb. The result is usually not on the ladder; ``index`` is the ladder
-    point nearest to it in log10 space (the first point when it falls below the ladder).
-
-    Args:
-        lrs: the LR ladder, strictly increasing and positive (list or 1-D array).
-        losses: the smoothed loss at each LR, finite, same length.
-
-    Returns:
-        The ``Suggestion``, or no suggestion with a reason.
-
-    Raises:
-        ValueError: for mismatched lengths, non-finite values, or a ladder that is not positive
-            and strictly increasing.
+    fastai's ``minimum`` on the recorded EMA, taken as the ladder point at or just below the
+    tenth, so that the answer is an LR the sweep tried. When the tenth lies below ``min_lr``
+    there is no such point, and the rule says to lower ``min_lr``.
 
     Example:
         >>> lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
-        >>> minimum(lrs, [2.0, 2.1, 1.2, 0.9, 0.8, 0.7, 3.0])
+        >>> losses = [2.0, 2.1, 1.2, 0.9, 0.8, 0.7, 3.0]
+        >>> minimum(Curve.of(lrs, losses, losses))
         Suggestion(lr=0.1, index=4, reason=None)
     """
-    lr_arr, loss_arr = _as_curve(lrs, losses)
-    refusal = _refuse_unusable(lr_arr, loss_arr)
+    refusal = _refuse_short(curve) or _refuse_no_drop(curve.lrs, curve.smoothed)
     if refusal is not None:
         return refusal
-    lr = float(lr_arr[int(np.argmin(loss_arr))]) / MINIMUM_DIVISOR
-    index = _nearest_index(np.log10(lr_arr), np.log10(lr))
-    return Suggestion(lr=lr, index=index, reason=None)
+    target = float(curve.lrs[int(np.argmin(curve.smoothed))]) / MINIMUM_DIVISOR
+    return at_or_below(curve, target, what=f"the loss minimum's lr / {MINIMUM_DIVISOR:g}")
 
 
 SUGGESTION_RULES: dict[str, SuggestionRule] = {
@@ -205,95 +265,42 @@ SUGGESTION_RULES: dict[str, SuggestionRule] = {
 """Every rule by its ``suggestion_method`` name; the first is the default."""
 
 
-def suggest(method: str, lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
-    """Apply the rule named ``method`` (a key of ``SUGGESTION_RULES``) to a curve.
+def suggest_all(curve: Curve) -> dict[str, Suggestion]:
+    """Apply every rule to a curve, in ``SUGGESTION_RULES`` order: ``{rule name: Suggestion}``."""
+    return {name: rule(curve) for name, rule in SUGGESTION_RULES.items()}
 
-    Args:
-        method: the rule's name, e.g. ``"steepest_gradient"``.
-        lrs: the LR ladder, strictly increasing and positive.
-        losses: the smoothed loss at each LR, finite, same length.
 
-    Returns:
-        The rule's ``Suggestion``.
+def at_or_below(curve: Curve, target: float, *, what: str) -> Suggestion:
+    """The ladder point at ``target``, or the highest one below it (a tried LR, never above).
 
-    Raises:
-        ValueError: for an unknown ``method`` (naming the allowed ones) or a bad curve.
-
-    Example:
-        >>> lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
-        >>> suggest("minimum", lrs, [2.0, 2.1, 1.2, 0.9, 0.8, 0.7, 3.0]).lr
-        0.1
+    A tiny relative tolerance keeps a target that *is* a ladder LR, up to rounding, on it.
     """
-    rule = SUGGESTION_RULES.get(method)
-    if rule is None:
-        close = difflib.get_close_matches(str(method), SUGGESTION_RULES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"suggestion_method={method!r} is not a known rule{hint}; "
-            f"allowed: {', '.join(SUGGESTION_RULES)}"
+    index = bisect.bisect_right(curve.lrs.tolist(), target * (1.0 + 1e-9)) - 1
+    if index < 0:
+        return _no_suggestion(
+            f"{what} is lr={target:.3g}, below the lowest lr the sweep tried ({curve.lrs[0]:.3g}); "
+            "lower min_lr so the sweep starts before the loss falls"
         )
-    return rule(lrs, losses)
+    return Suggestion(lr=float(curve.lrs[index]), index=index, reason=None)
 
 
-def suggest_all(lrs: Sequence[float], losses: Sequence[float]) -> dict[str, Suggestion]:
-    """Apply every rule to a curve, in ``SUGGESTION_RULES`` order.
-
-    Args:
-        lrs: the LR ladder, strictly increasing and positive.
-        losses: the smoothed loss at each LR, finite, same length.
-
-    Returns:
-        ``{rule name: Suggestion}``.
-
-    Raises:
-        ValueError: for a bad curve.
-
-    Example:
-        >>> lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
-        >>> {k: s.lr for k, s in suggest_all(lrs, [2.0, 2.1, 1.2, 0.9, 0.8, 0.7, 3.0]).items()}
-        {'steepest_gradient': 0.001, 'valley': 0.01, 'minimum': 0.1}
-    """
-    return {name: rule(lrs, losses) for name, rule in SUGGESTION_RULES.items()}
-
-
-def _as_curve(lrs: Sequence[float], losses: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    lr_arr = np.asarray(lrs, dtype=np.float64)
-    loss_arr = np.asarray(losses, dtype=np.float64)
-    if lr_arr.ndim != 1 or loss_arr.ndim != 1:
-        raise ValueError(f"lrs and losses must be 1-D; got shapes {lr_arr.shape} and {loss_arr.shape}")
-    if len(lr_arr) != len(loss_arr):
-        raise ValueError(f"lrs and losses must have the same length; got {len(lr_arr)} and {len(loss_arr)}")
-    for name, arr in (("lrs", lr_arr), ("losses", loss_arr)):
-        bad = np.flatnonzero(~np.isfinite(arr))
-        if bad.size:
-            raise ValueError(
-                f"{name} must be finite; {name}[{bad[0]}]={arr[bad[0]]!r} "
-                "(cut the curve where the sweep diverged before suggesting)"
-            )
-    if lr_arr.size and lr_arr[0] <= 0:
-        raise ValueError(f"lrs must be positive; lrs[0]={lr_arr[0]!r}")
-    not_rising = np.flatnonzero(np.diff(lr_arr) <= 0)
-    if not_rising.size:
-        i = int(not_rising[0])
-        raise ValueError(
-            f"lrs must be strictly increasing; lrs[{i}]={lr_arr[i]!r} is followed by lrs[{i + 1}]={lr_arr[i + 1]!r}"
-        )
-    return lr_arr, loss_arr
-
-
-def _refuse_unusable(lrs: np.ndarray, losses: np.ndarray) -> Suggestion | None:
-    n = len(losses)
+def _refuse_short(curve: Curve) -> Suggestion | None:
+    n = len(curve)
     if n < MIN_POINTS:
         return _no_suggestion(
             f"only {n} usable points (need at least {MIN_POINTS}): the loss probably diverged almost "
             "at once; lower min_lr or raise num_steps"
         )
+    return None
+
+
+def _refuse_no_drop(lrs: np.ndarray, losses: np.ndarray) -> Suggestion | None:
     first, lowest = float(losses[0]), float(losses.min())
     if first - lowest < max(MIN_RELATIVE_DROP * abs(first), MIN_ABSOLUTE_DROP):
         return _no_suggestion(
-            f"the loss never fell by {MIN_RELATIVE_DROP:.0%} below its first value ({first:.4g}; lowest "
-            f"{lowest:.4g}) between lr={lrs[0]:.3g} and lr={lrs[-1]:.3g}; raise max_lr or num_steps, "
-            "or check that the model and data can learn (labels, loss, frozen parameters)"
+            f"the loss never fell by {MIN_RELATIVE_DROP:.0%} (from {first:.4g} to at best {lowest:.4g}) between "
+            f"lr={lrs[0]:.3g} and lr={lrs[-1]:.3g}; raise max_lr or num_steps, or check that the model and data "
+            "can learn (labels, loss, frozen parameters)"
         )
     return None
 
@@ -317,7 +324,3 @@ def _descent_lengths(losses: np.ndarray) -> np.ndarray:
         lengths[i] = k + 1
     return lengths
 
-
-def _nearest_index(log_lrs: np.ndarray, log_target: float) -> int:
-    # argmin keeps the first of two equally near points: on a tie the lower, safer LR wins.
-    return int(np.argmin(np.abs(log_lrs - log_target)))

@@ -74,12 +74,12 @@ def test_the_sweep_copy_sets_the_scheduler_aside_and_leaves_the_users_dict_alone
     assert config["scheduler"]["type"] == "WarmupLR"
 
 
-def test_tuned_config_with_a_known_length_is_warmup_cosine_at_the_suggestion():
+def test_tuned_config_with_a_known_length_is_warmup_cosine_at_the_peak():
     user = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95]}},
             "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 10000, "warmup_num_steps": 100}},
             "train_batch_size": "auto"}
     assert total_steps_from(user) == 10000
-    tuned, notes = tuned_config(user, 3e-4, recommend_schedule(3e-4, total_steps=10000))
+    tuned, notes = tuned_config(user, 1e-4, recommend_schedule(3e-4, total_steps=10000))
     assert tuned["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.95]}
     assert tuned["scheduler"]["type"] == "WarmupCosineLR"
     assert tuned["scheduler"]["params"]["total_num_steps"] == 10000
@@ -87,10 +87,11 @@ def test_tuned_config_with_a_known_length_is_warmup_cosine_at_the_suggestion():
     assert user["optimizer"]["params"]["lr"] == 1e-4
 
 
-def test_tuned_config_without_a_length_falls_back_to_warmup_then_constant():
+def test_tuned_config_without_a_length_falls_back_to_warmup_then_the_constant_lr():
     user = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
             "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 300}}}
-    tuned, notes = tuned_config(user, 2e-3, recommend_schedule(2e-3))
+    tuned, notes = tuned_config(user, 2e-3, recommend_schedule(6e-3))
+    assert tuned["optimizer"]["params"]["lr"] == 2e-3
     assert tuned["scheduler"] == {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-3,
                                                                  "warmup_num_steps": 300, "warmup_type": "linear"}}
     assert any("total_steps" in note for note in notes)

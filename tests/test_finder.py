@@ -60,7 +60,8 @@ def test_suggestion_sits_on_the_descending_part_of_the_curve(regression):
     assert result.smoothed_losses[i + 1] < result.smoothed_losses[i - 1]
     assert result.optimal_lr < result.lrs[int(np.nanargmin(result.smoothed_losses))]
     assert set(result.suggestions) == {"steepest_gradient", "valley", "minimum"}
-    assert result.schedule["peak_lr"] == result.optimal_lr
+    assert result.schedule["peak_lr"] == result.peak_lr >= result.optimal_lr
+    assert result.peak_lr in result.lrs
     assert LRFinderResult.from_json(result.to_json()) == result
 
 

@@ -14,9 +14,8 @@ import numpy as np
 from distlr.curve import Curve, ema, local_linear
 from distlr.result import LRFinderResult
 from distlr.schedule import recommend_schedule
-from distlr.suggest import (MIN_POINTS, MIN_RELATIVE_DROP, MIN_WIDTH, NOISE_FACTOR,
-                            significant_drop, SKIP_FRACTION, SUGGESTION_RULES, WIDTH_FRACTION, Descent,
-                            Suggestion, SuggestionRule, at_or_below, find_descent, suggest_all)
+from distlr.suggest import (MIN_POINTS, MIN_RELATIVE_DROP, MIN_WIDTH, NOISE_FACTOR, SUGGESTION_RULES, WIDTH_FRACTION,
+                            Descent, Suggestion, SuggestionRule, at_or_below, find_descent, read_curve, suggest_all)
 
 PEAK_FACTOR = 3.0
 """The one-cycle / warmup-cosine peak is this many times the constant-LR suggestion ..."""
@@ -50,6 +49,13 @@ def usable_curve(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequen
     end = diverged_at if diverged_at is not None else len(losses)
     keep = [i for i in range(end) if math.isfinite(losses[i]) and math.isfinite(smoothed[i])]
     return Curve.of([lrs[i] for i in keep], [losses[i] for i in keep], [smoothed[i] for i in keep])
+
+
+def trend(curve: Curve) -> list[float]:
+    """The zero-lag smoothing ``steepest_gradient`` reads, for the result and the plot."""
+    if len(curve) < MIN_POINTS:
+        return curve.losses.tolist()
+    return local_linear(np.log10(curve.lrs), curve.losses, max(MIN_WIDTH, WIDTH_FRACTION * len(curve))).level.tolist()
 
 
 def peak_lr(curve: Curve, chosen: Suggestion) -> Suggestion:
@@ -88,7 +94,8 @@ def confidence(curve: Curve, rule: SuggestionRule, *, smooth_factor: float, draw
     time, and no global RNG is touched.
 
     Returns:
-        ``{"low", "high"}`` (the 10th and 90th percentile picks), ``"spread"`` (high / low),
+        ``{"low", "high"}`` (the 10th and 90th percentile picks, widened to hold the rule's own
+        pick on the curve), ``"spread"`` (high / low),
         ``"answered"`` (the fraction of draws with a suggestion) and ``"draws"``; None for a
         curve too short to resample.
     """
@@ -106,6 +113,9 @@ def confidence(curve: Curve, rule: SuggestionRule, *, smooth_factor: float, draw
     if not picks:
         return {"low": math.nan, "high": math.nan, "spread": math.nan, "answered": 0.0, "draws": draws}
     low, high = 10 ** np.percentile(picks, 10), 10 ** np.percentile(picks, 90)
+    actual = rule(curve).lr
+    if actual is not None:  # the band always holds the suggestion itself
+        low, high = min(low, actual), max(high, actual)
     return {"low": float(low), "high": float(high), "spread": float(high / low),
             "answered": len(picks) / draws, "draws": draws}
 
@@ -123,15 +133,9 @@ def range_notes(curve: Curve, *, num_steps: int, stop_reason: str, diverged_at: 
         notes.append(f"only {n} usable points: raise num_steps (at least {MIN_POINTS * 4} is sensible)")
     if n < MIN_POINTS:
         return notes
-    fit = local_linear(np.log10(curve.lrs), curve.losses, max(MIN_WIDTH, WIDTH_FRACTION * n))
-    start = max(1, int(SKIP_FRACTION * n))
-    lowest = start + int(np.argmin(fit.level[start:]))
-    peak = start + int(np.argmax(fit.level[start: lowest + 1]))
-    top = float(fit.level[peak])
-    drop = top - float(fit.level[lowest])
-    wide_drop, noise = significant_drop(np.log10(curve.lrs), curve.losses, fit, max(MIN_WIDTH, WIDTH_FRACTION * n),
-                                        start)
-    falling = wide_drop > NOISE_FACTOR * noise and drop > MIN_RELATIVE_DROP * abs(top)
+    r = read_curve(curve)
+    fit, start, lowest = r.fit, r.start, r.lowest
+    falling = r.drop > NOISE_FACTOR * r.noise and r.drop > MIN_RELATIVE_DROP * abs(r.top)
     # Still falling: the minimum is at the end and the loss there still falls at a good part of
     # its fastest rate (a curve that has flattened out has its minimum at the end too).
     tail = max(1, int(END_FRACTION * n))
@@ -203,6 +207,7 @@ def build_result(
         diverged_at=diverged_at,
         suggestion_note=chosen.reason,
         suggestions={name: s.lr for name, s in suggestions.items()},
+        trend_losses=trend(curve) + [math.nan] * (len(losses) - len(curve)),
         peak_lr=peak.lr,
         confidence=spread,
         range_notes=range_notes(curve, num_steps=num_steps, stop_reason=stop_reason, diverged_at=diverged_at,

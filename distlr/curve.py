@@ -78,13 +78,26 @@ def _vector(name: str, values: Sequence[float]) -> np.ndarray:
 
 
 def ema(losses: np.ndarray, smooth_factor: float) -> np.ndarray:
-    """The bias-corrected EMA of ``losses`` (the numbers ``LossTracker`` records)."""
-    out = np.empty(len(losses))
-    avg = 0.0
-    for i, loss in enumerate(losses):
-        avg = smooth_factor * avg + (1.0 - smooth_factor) * loss
-        out[i] = avg / (1.0 - smooth_factor ** (i + 1))
-    return out
+    """The bias-corrected EMA of ``losses`` (the numbers ``LossTracker`` records), vectorised.
+
+    ``avg_t = beta^(t+1-s) avg_(s-1) + (1 - beta) sum_(j=s..t) beta^(t-j) x_j`` over blocks that
+    start at s, short enough that ``beta^-(block)`` stays far from overflow.
+    """
+    x = np.asarray(losses, dtype=np.float64)
+    beta = float(smooth_factor)
+    if beta == 0.0:
+        return x.copy()
+    out = np.empty(len(x))
+    block = max(1, min(len(x), int(200.0 / max(-math.log(beta), 1e-12)) or 1, 4096))
+    carry = 0.0
+    for s in range(0, len(x), block):
+        chunk = x[s: s + block]
+        steps = np.arange(1, len(chunk) + 1)
+        grow = beta ** -steps  # 1 / beta^t, at most e^200
+        avg = beta**steps * (carry + (1.0 - beta) * np.cumsum(chunk * grow))
+        out[s: s + len(chunk)] = avg
+        carry = float(avg[-1])
+    return out / (1.0 - beta ** np.arange(1, len(x) + 1))
 
 
 @dataclass(frozen=True)
@@ -110,32 +123,24 @@ def kernel(width: float) -> np.ndarray:
 
 
 def _window_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``sum_j w[j - i] * values[..., j]`` at every index i, the window cut at the ends."""
+    """``sum_j w[j - i] * values[j]`` at every index i, the window cut at the ends."""
     reach = len(weights) // 2
-    n = values.shape[-1]
-    out = np.zeros_like(values)
-    for k, w in enumerate(weights):
-        shift = k - reach
-        if abs(shift) >= n:
-            continue
-        if shift >= 0:
-            out[..., : n - shift] += w * values[..., shift:]
-        else:
-            out[..., -shift:] += w * values[..., : n + shift]
-    return out
+    # The kernel is symmetric, so convolution is the windowed sum; "full" then the centred
+    # slice works for a kernel longer than the curve too.
+    return np.convolve(values, weights, mode="full")[reach: reach + len(values)]
 
 
-def local_linear(log_lrs: np.ndarray, losses: np.ndarray, width: float) -> LocalFit:
+def local_linear(log_lrs: np.ndarray, losses: np.ndarray, width: float, *, noise: float | None = None) -> LocalFit:
     """Kernel-weighted local linear fit of ``losses`` against ``log_lrs`` at every point.
 
-    ``losses`` may be 2-D (one curve per row, as the bootstrap uses); the noise is then
-    estimated from the first row. Near the ends the window is one-sided, which a local *linear*
-    fit handles without the pull towards the interior that a moving average has.
+    Near the ends the window is one-sided, which a local *linear* fit handles without the pull
+    towards the interior that a moving average has.
 
     Args:
         log_lrs: log10 of the ladder, shape ``(n,)``.
-        losses: raw losses, shape ``(n,)`` or ``(rows, n)``.
+        losses: raw losses, shape ``(n,)``.
         width: the kernel's standard deviation, in points (>= 1).
+        noise: the curve's ``noise_level`` when the caller already has it.
     """
     w = kernel(width)
     x = log_lrs
@@ -150,7 +155,7 @@ def local_linear(log_lrs: np.ndarray, losses: np.ndarray, width: float) -> Local
     den = s0 * s2 - s1 * s1
     slope = np.divide(s0 * t1 - s1 * t0, den, out=np.zeros_like(t0), where=den > 0)
     level = (t0 - slope * s1) / s0
-    noise = noise_level(losses if losses.ndim == 1 else losses[0])
+    noise = noise_level(losses) if noise is None else noise
     # level_i = sum_j l_ij y_j with l_ij = w_ij (S2 - dx_ij S1) / den, so for independent noise
     # var(level_i) = noise^2 sum_j l_ij^2, expanded into windowed sums with the kernel squared.
     w2 = w * w

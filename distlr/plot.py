@@ -32,11 +32,14 @@ def plot_result(
     ax = fig.add_subplot()
     ax.plot(result.lrs, result.losses, color="0.7", linewidth=1, label="loss")
     if result.smoothed_losses:
-        ax.plot(result.lrs, result.smoothed_losses, color="C0", linewidth=2, label="smoothed loss")
+        ax.plot(result.lrs, result.smoothed_losses, color="C0", linewidth=1.5, alpha=0.6,
+                label="EMA (stop decision; lags)")
+    if result.trend_losses:
+        ax.plot(result.lrs, result.trend_losses, color="C0", linewidth=2, label="zero-lag trend (what steepest_gradient reads)")
     if log_scale:
         ax.set_xscale("log")
     if show_suggestion and result.optimal_lr is not None and result.best_lr_idx is not None:
-        y = result.smoothed_losses[result.best_lr_idx] if result.smoothed_losses else result.losses[result.best_lr_idx]
+        y = (result.trend_losses or result.smoothed_losses or result.losses)[result.best_lr_idx]
         spread = result.confidence
         if spread is not None and spread["answered"] > 0:
             ax.axvspan(spread["low"], spread["high"], color="C3", alpha=0.12, linewidth=0,
@@ -76,7 +79,7 @@ def _limit_y(ax, result: LRFinderResult) -> None:
     # little above where the smoothed curve started its fall. The run-up to divergence and raw
     # spikes can sit far above and would flatten the part a reader needs.
     end = result.diverged_at if result.diverged_at is not None else len(result.losses)
-    curve = [v for v in (result.smoothed_losses or result.losses)[:end] if math.isfinite(v)]
+    curve = [v for v in (result.trend_losses or result.smoothed_losses or result.losses)[:end] if math.isfinite(v)]
     if len(curve) < 2:
         return
     lowest = min(range(len(curve)), key=curve.__getitem__)

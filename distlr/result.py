@@ -42,6 +42,9 @@ class LRFinderResult:
     """Why there is no suggestion, when ``optimal_lr`` is None."""
     suggestions: dict[str, float | None] = field(default_factory=dict)
     """Every rule's suggestion, by name (None where that rule had no sound answer)."""
+    trend_losses: list[float] = field(default_factory=list)
+    """The zero-lag smoothing of ``losses`` that ``steepest_gradient`` reads (NaN past the usable
+    points); ``smoothed_losses`` is the EMA the stop decision uses, which lags."""
     peak_lr: float | None = None
     """The peak LR for a one-cycle or warmup-cosine schedule (``optimal_lr`` is the constant LR)."""
     confidence: dict[str, float] | None = None

@@ -11,17 +11,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distlr.curve import Curve, ema, local_linear
+from distlr.curve import Curve, ema
 from distlr.result import LRFinderResult
 from distlr.schedule import recommend_schedule
 from distlr.suggest import (MIN_POINTS, MIN_RELATIVE_DROP, MIN_WIDTH, NOISE_FACTOR, SUGGESTION_RULES, WIDTH_FRACTION,
-                            Descent, Suggestion, SuggestionRule, at_or_below, find_descent, read_curve, suggest_all)
-
-PEAK_FACTOR = 3.0
-"""The one-cycle / warmup-cosine peak is this many times the constant-LR suggestion ..."""
-
-PEAK_GUARD = 3.0
-"""... but never above the LR where the descent ends (``Descent.bottom``) divided by this."""
+                            Suggestion, SuggestionRule, blow_up, peak_with, read_curve, suggest_all)
 
 CONFIDENCE_DRAWS = 48
 """Bootstrap resamples of the curve's noise behind ``result.confidence`` (a few ms in all)."""
@@ -45,31 +39,28 @@ START_SLOPE_SHARE = 0.5
 def usable_curve(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
                  diverged_at: int | None) -> Curve:
     """The points the rules may read: those before the diverging point (the explosion, not the
-    curve), and of those only the ones whose loss is finite."""
+    curve), of those only the ones whose loss is finite, and of those only the ones before the
+    loss blew up (``distlr.suggest.blow_up``: a spike the EMA's stop decision rode out)."""
     end = diverged_at if diverged_at is not None else len(losses)
     keep = [i for i in range(end) if math.isfinite(losses[i]) and math.isfinite(smoothed[i])]
-    return Curve.of([lrs[i] for i in keep], [losses[i] for i in keep], [smoothed[i] for i in keep])
+    curve = Curve.of([lrs[i] for i in keep], [losses[i] for i in keep], [smoothed[i] for i in keep])
+    cut = blow_up(curve)
+    if cut is None:
+        return curve
+    return curve.head(cut)
 
 
 def trend(curve: Curve) -> list[float]:
     """The zero-lag smoothing ``steepest_gradient`` reads, for the result and the plot."""
     if len(curve) < MIN_POINTS:
         return curve.losses.tolist()
-    return local_linear(np.log10(curve.lrs), curve.losses, max(MIN_WIDTH, WIDTH_FRACTION * len(curve))).level.tolist()
+    return curve.trend(max(MIN_WIDTH, WIDTH_FRACTION * len(curve))).level.tolist()
 
 
 def peak_lr(curve: Curve, chosen: Suggestion) -> Suggestion:
-    """The peak of a one-cycle or warmup-cosine schedule built on ``chosen`` (the constant LR).
-
-    ``PEAK_FACTOR`` x the constant LR, capped by the loss minimum's LR / ``PEAK_GUARD`` and
-    never below the constant LR itself; a point of the ladder like every suggestion.
-    """
-    if chosen.lr is None:
-        return chosen
-    descent = find_descent(curve)
-    bottom = descent.bottom if isinstance(descent, Descent) else int(np.argmin(curve.smoothed))
-    target = max(chosen.lr, min(chosen.lr * PEAK_FACTOR, float(curve.lrs[bottom]) / PEAK_GUARD))
-    return at_or_below(curve, target, what="the peak")
+    """The peak of a one-cycle or warmup-cosine schedule built on ``chosen`` (the constant LR);
+    see ``distlr.suggest.peak_with``."""
+    return peak_with(curve, chosen)
 
 
 def rule_outputs(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
@@ -102,12 +93,12 @@ def confidence(curve: Curve, rule: SuggestionRule, *, smooth_factor: float, draw
     n = len(curve)
     if n < MIN_POINTS:
         return None
-    fit = local_linear(np.log10(curve.lrs), curve.losses, MIN_WIDTH)
+    fit = curve.trend(MIN_WIDTH)
     rng = np.random.default_rng(seed)
     picks = []
     for _ in range(draws):
         losses = fit.level + rng.normal(0.0, fit.noise, n)
-        pick = rule(Curve(curve.lrs, losses, ema(losses, smooth_factor))).lr
+        pick = rule(curve.with_losses(losses, ema(losses, smooth_factor))).lr
         if pick is not None:
             picks.append(math.log10(pick))
     if not picks:
@@ -135,7 +126,7 @@ def range_notes(curve: Curve, *, num_steps: int, stop_reason: str, diverged_at: 
         return notes
     r = read_curve(curve)
     fit, start, lowest = r.fit, r.start, r.lowest
-    falling = r.drop > NOISE_FACTOR * r.noise and r.drop > MIN_RELATIVE_DROP * abs(r.top)
+    falling = r.significance > NOISE_FACTOR and r.drop > MIN_RELATIVE_DROP * abs(r.top)
     # Still falling: the minimum is at the end and the loss there still falls at a good part of
     # its fastest rate (a curve that has flattened out has its minimum at the end too).
     tail = max(1, int(END_FRACTION * n))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +37,9 @@ class Curve:
     lrs: np.ndarray
     losses: np.ndarray
     smoothed: np.ndarray
+    designs: dict[float, Design] = field(default_factory=dict, compare=False, repr=False)
+    """The ladder-only part of ``local_linear`` at each width read so far; curves on the same
+    ladder (``with_losses``) share it, so the bootstrap's draws compute it once."""
 
     @classmethod
     def of(cls, lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float] | None = None,
@@ -64,6 +67,20 @@ class Curve:
 
     def __len__(self) -> int:
         return len(self.lrs)
+
+    def with_losses(self, losses: np.ndarray, smoothed: np.ndarray) -> Curve:
+        """The same ladder with other losses (unchecked: for resampling a checked curve)."""
+        return Curve(self.lrs, losses, smoothed, self.designs)
+
+    def head(self, n: int) -> Curve:
+        """The first ``n`` points."""
+        return Curve(self.lrs[:n], self.losses[:n], self.smoothed[:n])
+
+    def trend(self, width: float, *, noise: float | None = None) -> LocalFit:
+        """``local_linear`` of the raw losses against log10(lr) with a kernel of ``width`` points."""
+        if width not in self.designs:
+            self.designs[width] = design(np.log10(self.lrs), width)
+        return local_linear(self.designs[width], self.losses, noise=noise)
 
 
 def _vector(name: str, values: Sequence[float]) -> np.ndarray:
@@ -130,32 +147,32 @@ def _window_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.convolve(values, weights, mode="full")[reach: reach + len(values)]
 
 
-def local_linear(log_lrs: np.ndarray, losses: np.ndarray, width: float, *, noise: float | None = None) -> LocalFit:
-    """Kernel-weighted local linear fit of ``losses`` against ``log_lrs`` at every point.
+@dataclass(frozen=True, eq=False)
+class Design:
+    """What a local linear fit on one ladder with one kernel needs, whatever the losses: the
+    kernel, the centred windowed sums of the ladder and the variance factor of the level."""
 
-    Near the ends the window is one-sided, which a local *linear* fit handles without the pull
-    towards the interior that a moving average has.
+    x: np.ndarray
+    """log10 of the ladder."""
+    weights: np.ndarray
+    s0: np.ndarray
+    s1: np.ndarray
+    den: np.ndarray
+    spread: np.ndarray
+    """``sum_j l_ij^2`` for the level's weights ``l_ij`` (the level's variance is noise^2 x it)."""
 
-    Args:
-        log_lrs: log10 of the ladder, shape ``(n,)``.
-        losses: raw losses, shape ``(n,)``.
-        width: the kernel's standard deviation, in points (>= 1).
-        noise: the curve's ``noise_level`` when the caller already has it.
-    """
+
+def design(log_lrs: np.ndarray, width: float) -> Design:
+    """The ladder-only part of ``local_linear`` (six of its eight windowed sums)."""
     w = kernel(width)
-    x = log_lrs
+    x = np.asarray(log_lrs, dtype=np.float64)
     s0 = _window_sum(np.ones_like(x), w)
     sx = _window_sum(x, w)
     sxx = _window_sum(x * x, w)
     # Sums of the centred offsets dx = x_j - x_i, expanded so each is one windowed sum.
     s1 = sx - x * s0
     s2 = sxx - 2.0 * x * sx + x * x * s0
-    t0 = _window_sum(losses, w)
-    t1 = _window_sum(losses * x, w) - x * t0
     den = s0 * s2 - s1 * s1
-    slope = np.divide(s0 * t1 - s1 * t0, den, out=np.zeros_like(t0), where=den > 0)
-    level = (t0 - slope * s1) / s0
-    noise = noise_level(losses) if noise is None else noise
     # level_i = sum_j l_ij y_j with l_ij = w_ij (S2 - dx_ij S1) / den, so for independent noise
     # var(level_i) = noise^2 sum_j l_ij^2, expanded into windowed sums with the kernel squared.
     w2 = w * w
@@ -165,7 +182,30 @@ def local_linear(log_lrs: np.ndarray, losses: np.ndarray, width: float, *, noise
     u2 = _window_sum(x * x, w2) - 2.0 * x * ux + x * x * u0
     spread = np.divide(s2 * s2 * u0 - 2.0 * s2 * s1 * u1 + s1 * s1 * u2, den * den, out=np.ones_like(x),
                        where=den > 0)
-    return LocalFit(level=level, slope=slope, noise=noise, level_sd=noise * np.sqrt(np.maximum(spread, 0.0)))
+    return Design(x=x, weights=w, s0=s0, s1=s1, den=den, spread=np.maximum(spread, 0.0))
+
+
+def local_linear(design_or_log_lrs: Design | np.ndarray, losses: np.ndarray, width: float | None = None, *,
+                 noise: float | None = None) -> LocalFit:
+    """Kernel-weighted local linear fit of ``losses`` against log10(lr) at every point.
+
+    Near the ends the window is one-sided, which a local *linear* fit handles without the pull
+    towards the interior that a moving average has.
+
+    Args:
+        design_or_log_lrs: a ``Design`` (``design(log_lrs, width)``, reusable for any losses on
+            that ladder), or log10 of the ladder, shape ``(n,)``, with ``width``.
+        losses: raw losses, shape ``(n,)``.
+        width: the kernel's standard deviation, in points (>= 1), when no ``Design`` is given.
+        noise: the curve's ``noise_level`` when the caller already has it.
+    """
+    d = design_or_log_lrs if isinstance(design_or_log_lrs, Design) else design(design_or_log_lrs, float(width))
+    t0 = _window_sum(losses, d.weights)
+    t1 = _window_sum(losses * d.x, d.weights) - d.x * t0
+    slope = np.divide(d.s0 * t1 - d.s1 * t0, d.den, out=np.zeros_like(t0), where=d.den > 0)
+    level = (t0 - slope * d.s1) / d.s0
+    noise = noise_level(losses) if noise is None else noise
+    return LocalFit(level=level, slope=slope, noise=noise, level_sd=noise * np.sqrt(d.spread))
 
 
 def noise_level(losses: np.ndarray) -> float:
@@ -178,5 +218,13 @@ def noise_level(losses: np.ndarray) -> float:
     if len(losses) < 3:
         return 0.0
     d2 = losses[2:] - 2.0 * losses[1:-1] + losses[:-2]
-    mad = float(np.median(np.abs(d2 - np.median(d2))))
+    mad = _median(np.abs(d2 - _median(d2)))
     return 1.4826 * mad / math.sqrt(6.0)
+
+
+def _median(values: np.ndarray) -> float:
+    # np.median's checks cost more than the partition itself on a curve's few hundred points,
+    # and the bootstrap behind result.confidence takes thousands of these medians.
+    n = len(values)
+    part = np.partition(values, [(n - 1) // 2, n // 2])
+    return 0.5 * float(part[(n - 1) // 2] + part[n // 2])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distlr.curve import Curve, LocalFit, local_linear
+from distlr.curve import Curve, LocalFit
 
 MIN_POINTS = 5
 """Fewest usable points a curve needs before any rule will suggest an LR."""
@@ -60,12 +60,31 @@ DESCENT_BAND = 0.25
 """The steepest point is searched after the last time the loss was within this fraction of
 the drop below its top, so a dip in a flat, noisy start that comes back up cannot win."""
 
-MARGIN = 3.0
-"""The seed's "slightly below": the constant LR is the steepest point's LR divided by this."""
+MARGIN = 5.0
+"""The seed's "slightly below": the constant LR is the steepest point's LR divided by this ..."""
 
-GUARD = 10.0
-"""Never suggest more than the LR where the descent ends divided by this: past it the run-up to
-divergence begins."""
+FLOOR = 10.0
+"""... but never less than the LR where the descent ends (``Descent.bottom``) divided by this ...
+The suggestion benchmark's tune half chose MARGIN 5 and FLOOR 10 from 4 x 5 x 4 variants: the
+only ones with no too-high or diverged pick, and among those the lowest median and worst regret
+(``benchmarks/suggestion/tuning.md``). The steepest point alone lies up to 1.7 decades below the
+best constant LR, the end of the descent within about a decade above it: the floor carries the
+weight, and the steepest point moves the pick only within the factor of 2 above it."""
+
+GUARD = 5.0
+"""... and never more than the LR where the descent ends divided by this: past it the run-up to
+divergence begins. The steepest point lies before the descent ends, so with GUARD = MARGIN the
+margin already keeps the pick below it; the benchmark's variants with a tighter guard (1-3)
+picked too high on 3-15 of 43 curves."""
+
+PEAK_FACTOR = 10.0
+"""The one-cycle / warmup-cosine peak is at most this many times the constant-LR suggestion ..."""
+
+PEAK_GUARD = 3.0
+"""... and at most the LR where the descent ends divided by this. Chosen on the tune half under
+the one-cycle protocol, on the chosen constant rule: with FLOOR 10 the guard is what binds, so
+the peak is the descent's end / 3, 1.7-3.3 times the constant LR; a guard of 1-2 picked too high
+on 1-6 of 43 curves, 5 gave a worst regret of 11.8 against 2.9."""
 
 MINIMUM_DIVISOR = 10.0
 """``minimum`` suggests the LR of the lowest loss divided by this (fastai's rule)."""
@@ -121,6 +140,10 @@ class Reading:
     """``top`` less the minimum."""
     noise: float
     """The standard deviation that noise alone gives ``drop``."""
+    significance: float
+    """How many of its noise standard deviations the fall is: ``drop / noise``, or, when the
+    wide smoothing pins the bottom down more surely (a minimum at the curve's last points, where
+    the narrow window is one-sided), the same ratio read on it."""
 
 
 def read_curve(curve: Curve, *, width_fraction: float = WIDTH_FRACTION,
@@ -132,16 +155,53 @@ def read_curve(curve: Curve, *, width_fraction: float = WIDTH_FRACTION,
     smoothing averages its noise further down, so a noise spike near the start does not set it).
     """
     n = len(curve)
-    log_lrs = np.log10(curve.lrs)
     width = max(MIN_WIDTH, width_fraction * n)
-    fit = local_linear(log_lrs, curve.losses, width)
-    wide = local_linear(log_lrs, curve.losses, SIGNIFICANCE_WIDENING * width, noise=fit.noise)
+    fit = curve.trend(width)
+    wide = curve.trend(SIGNIFICANCE_WIDENING * width, noise=fit.noise)
     start = max(1, int(skip_fraction * n))
     lowest = start + int(np.argmin(fit.level[start:]))
     peak = start + int(np.argmax(wide.level[start: lowest + 1]))
     top = float(wide.level[peak])
-    return Reading(fit=fit, wide=wide, start=start, lowest=lowest, top=top, drop=top - float(fit.level[lowest]),
-                   noise=math.hypot(wide.level_sd[peak], fit.level_sd[lowest]))
+    drop = top - float(fit.level[lowest])
+    noise = math.hypot(wide.level_sd[peak], fit.level_sd[lowest])
+    # On pure noise (the NOISE_FACTOR experiment) taking the better of the two readings let
+    # through at most 0.6 % more curves; it answers the curves still falling at max_lr.
+    significance = max(_ratio(drop, noise),
+                       _ratio(top - float(wide.level[lowest]), math.hypot(wide.level_sd[peak], wide.level_sd[lowest])))
+    return Reading(fit=fit, wide=wide, start=start, lowest=lowest, top=top, drop=drop, noise=noise,
+                   significance=significance)
+
+
+def _ratio(value: float, sd: float) -> float:
+    return value / sd if sd > 0 else (math.inf if value > 0 else 0.0)
+
+
+def blow_up(curve: Curve) -> int | None:
+    """Where to cut a curve whose loss blew up and then fell again, or None.
+
+    The blow-up is the first point at which the zero-lag trend climbs back above its level at
+    the start (``read_curve``'s wide smoothing there) by more than it had fallen and by
+    ``NOISE_FACTOR`` noise standard deviations. Past it training at these LRs has failed, and a
+    loss that falls again further on (a model collapsing to a degenerate state at a huge LR, a
+    spike the sweep's lagging EMA rode out) is not a descent to read, however low it goes. The
+    cut is made only when the loss does fall below its earlier minimum after the blow-up.
+    """
+    if len(curve) < MIN_POINTS:
+        return None
+    r = read_curve(curve)
+    level, start = r.fit.level, r.start
+    ref, ref_sd = float(r.wide.level[start]), float(r.wide.level_sd[start])
+    lowest = np.minimum.accumulate(level[start:])
+    rise = level[start:] - ref - np.maximum(ref - lowest, 0.0)
+    past = np.flatnonzero(rise > NOISE_FACTOR * np.hypot(ref_sd, r.fit.level_sd[start:]))
+    if past.size == 0:
+        return None
+    cut = start + int(past[0])
+    if cut == start:  # blown up from the first point read: nothing before it to keep
+        return None
+    # Only a fall below the earlier minimum after the blow-up misleads the rules; otherwise the
+    # points past it are kept, so that a minimum just before it is still read two-sided.
+    return cut if level[cut:].min() < level[start:cut].min() else None
 
 
 @dataclass(frozen=True)
@@ -182,7 +242,7 @@ def find_descent(curve: Curve, *, width_fraction: float = WIDTH_FRACTION, skip_f
             f"between lr={curve.lrs[0]:.3g} and lr={curve.lrs[-1]:.3g}; raise max_lr or num_steps, or check that "
             "the model and data can learn (labels, loss, frozen parameters)"
         )
-    if r.drop < noise_factor * r.noise:
+    if r.significance < noise_factor:
         return _no_suggestion(
             f"the loss fell by {r.drop:.3g}, within the noise of its smoothed curve (about {r.noise:.2g}; batch to "
             f"batch {r.fit.noise:.2g}): the curve holds no clear descent. Raise the batch size or num_steps, or "
@@ -228,13 +288,31 @@ def steepest_gradient(curve: Curve) -> Suggestion:
     return steepest_with(curve)
 
 
-def steepest_with(curve: Curve, *, margin: float = MARGIN, guard: float = GUARD, **descent_args: float) -> Suggestion:
+def steepest_with(curve: Curve, *, margin: float = MARGIN, guard: float = GUARD, floor: float = FLOOR,
+                  **descent_args: float) -> Suggestion:
     """``steepest_gradient`` with its constants as arguments (for the suggestion benchmark)."""
     descent = find_descent(curve, **descent_args)
     if isinstance(descent, Suggestion):
         return descent
-    target = min(curve.lrs[descent.steepest] / margin, curve.lrs[descent.bottom] / guard)
+    bottom = float(curve.lrs[descent.bottom])
+    target = min(max(curve.lrs[descent.steepest] / margin, bottom / floor), bottom / guard)
     return at_or_below(curve, target, what="the suggestion")
+
+
+def peak_with(curve: Curve, chosen: Suggestion, *, factor: float = PEAK_FACTOR,
+              guard: float = PEAK_GUARD) -> Suggestion:
+    """The one-cycle / warmup-cosine peak built on the constant LR ``chosen``.
+
+    ``factor`` x the constant LR, capped by the LR where the descent ends / ``guard`` (the
+    smoothed minimum's when the curve holds no descent), and never below the constant LR itself;
+    a point of the ladder like every suggestion.
+    """
+    if chosen.lr is None:
+        return chosen
+    descent = find_descent(curve)
+    bottom = descent.bottom if isinstance(descent, Descent) else int(np.argmin(curve.smoothed))
+    target = max(chosen.lr, min(chosen.lr * factor, float(curve.lrs[bottom]) / guard))
+    return at_or_below(curve, target, what="the peak")
 
 
 def valley(curve: Curve) -> Suggestion:

@@ -313,7 +313,7 @@ def scenario_ds_auto(out: Path) -> dict:
     model = mlp()
     loader = DataLoader(regression_data(n=1536), batch_size=8, shuffle=False)
     finder = keep(LRFinder(model, loader, criterion=mse, device="cpu", deepspeed_config=str(path)))
-    result = finder.find(min_lr=1e-4, max_lr=10.0, num_steps=30, smooth_factor=0.5)
+    result = finder.find(min_lr=1e-4, max_lr=10.0, num_steps=60, smooth_factor=0.5)  # 30 steps: too few for a clear descent
     tuned = result.deepspeed_config
     lrs = None
     if tuned is not None:

@@ -74,14 +74,15 @@ def test_auto_config_is_resolved_and_the_tuned_config_loads_into_deepspeed(ds_ru
     assert result["global_batch_size"] == 16
     assert any("scheduler was set aside" in note for note in result["notes"])
     assert tuned == result["deepspeed_config"]
-    assert tuned["optimizer"]["params"]["lr"] == result["optimal_lr"]
-    # The user's total_num_steps (5000) gives a warmup + cosine schedule peaking at the suggestion.
+    # The user's total_num_steps (5000) gives a warmup + cosine schedule peaking at the one-cycle
+    # peak (result.peak_lr), not at the constant-LR suggestion.
+    assert tuned["optimizer"]["params"]["lr"] == result["peak_lr"] >= result["optimal_lr"]
     assert tuned["scheduler"]["type"] == "WarmupCosineLR"
     assert tuned["scheduler"]["params"]["total_num_steps"] == 5000
     assert tuned["scheduler"]["params"]["warmup_num_steps"] == 250
     assert tuned["train_batch_size"] == "auto"  # what the user left to their trainer stays theirs
     lrs = record["lrs"]
-    assert lrs is not None and lrs[0] < lrs[-1] <= result["optimal_lr"] * (1 + 1e-9)
+    assert lrs is not None and lrs[0] < lrs[-1] <= result["peak_lr"] * (1 + 1e-9)
     # The user's file is only read.
     assert record["file_after"]["optimizer"]["params"]["lr"] == "auto"
     assert record["file_after"]["scheduler"]["type"] == "WarmupDecayLR"
@@ -111,7 +112,7 @@ def test_shipped_zero_configs_run_under_torchrun_and_write_the_tuned_config(tmp_
     assert launch.output.count("suggested lr:") == 1, launch.explain()  # printed by rank 0 only
     tuned = json.loads((out / "ds_config.tuned.json").read_text())
     assert tuned == result["deepspeed_config"]
-    assert tuned["optimizer"]["params"]["lr"] == result["optimal_lr"]
+    assert tuned["optimizer"]["params"]["lr"] == result["peak_lr"]  # --total-steps: warmup-cosine to the peak
     assert tuned["scheduler"]["type"] == "WarmupCosineLR" and tuned["scheduler"]["params"]["total_num_steps"] == 2000
     assert tuned["zero_optimization"] == json.loads(original)["zero_optimization"]
     assert ds_file.read_bytes() == original  # the user's config is only read

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The suggestion benchmark from a fresh clone: set up .venv, add its one extra (scikit-learn's
+# bundled datasets), then run. Arguments go to run.py (e.g. --only-score, --tasks a,b).
+#   bash benchmarks/suggestion/run.sh             # ~15 min on 2 cores cold, seconds when cached
+#   bash benchmarks/suggestion/run.sh tune        # re-derive the constants (tune.py)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bash scripts/setup.sh
+py="${DISTLR_VENV:-.venv}/bin/python"
+"$py" -c "import sklearn" 2>/dev/null || "$py" -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+    -e ".[bench]" 2> >(grep -v "^WARNING: Location" >&2)
+if [ "${1:-}" = "tune" ]; then
+    shift
+    exec "$py" benchmarks/suggestion/tune.py "$@"
+fi
+exec "$py" benchmarks/suggestion/run.py "$@"

@@ -168,6 +168,11 @@ def build_result(
     suggestions = suggest_all(curve)
     chosen = suggestions[suggestion_method]
     notes = list(notes or [])
+    end = diverged_at if diverged_at is not None else len(losses)
+    if len(curve) and curve.lrs[-1] < lrs[end - 1]:
+        cut = list(lrs).index(float(curve.lrs[-1])) + 1
+        notes.append(f"the loss blew up at lr={lrs[cut]:.2e} (step {cut + 1}) and fell again at larger LRs; the "
+                     "rules read only the points before the blow-up")
     if skipped_steps:
         notes.append(f"{skipped_steps} fp16 step(s) overflowed and were retried at the same LR")
     peak = peak_lr(curve, chosen)

@@ -31,7 +31,7 @@ class Curve:
     Example:
         >>> c = Curve.of([1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0])
         >>> c.smoothed.round(3).tolist()      # EMA with the default weight 0.98
-        [2.0, 1.747, 1.496]
+        [2.0, 1.747, 1.493]
     """
 
     lrs: np.ndarray

@@ -31,8 +31,8 @@ def lr_ladder(min_lr: float, max_lr: float, num_steps: int, step_mode: StepMode 
         ValueError: for a bad argument (the caller validates first; this guards direct use).
 
     Example:
-        >>> lr_ladder(1e-4, 1e-1, 4)
-        [0.0001, 0.001, 0.01, 0.1]
+        >>> [f"{lr:.0e}" for lr in lr_ladder(1e-4, 1e-1, 4)]
+        ['1e-04', '1e-03', '1e-02', '1e-01']
     """
     if step_mode not in STEP_MODES:
         raise ValueError(f"step_mode={step_mode!r} is not supported; allowed: {', '.join(STEP_MODES)}")

@@ -54,15 +54,15 @@ def plot_result(
         ax.axvline(result.lrs[result.diverged_at], color="C1", linestyle=":", linewidth=1,
                    label=f"stopped: {result.stop_reason} at step {result.diverged_at + 1}")
     _limit_y(ax, result)
-    if result.range_notes:
-        wrapped = "\n".join(textwrap.fill(note, 110) for note in result.range_notes)
-        fig.text(0.01, 0.01, wrapped, fontsize="x-small", color="C3", va="bottom")
+    footer = _footer(result)
+    if footer:
+        fig.text(0.01, 0.01, "\n".join(footer), fontsize="x-small", color="C3", va="bottom")
     ax.set_xlabel("learning rate" + (" (log scale)" if log_scale else ""))
     ax.set_ylabel("loss (mean over all ranks)")
     ax.set_title(f"LR range test: {len(result.losses)} steps, {result.world_size} rank(s)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * _note_lines(result), 1, 1))
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * len(footer), 1, 1))
     path = Path(output_path)
     # An interrupted save never leaves half a PNG behind.
     with atomic_path(path) as tmp:
@@ -70,8 +70,12 @@ def plot_result(
     return path
 
 
-def _note_lines(result: LRFinderResult) -> int:
-    return sum(len(textwrap.wrap(note, 110)) for note in result.range_notes)
+def _footer(result: LRFinderResult) -> list[str]:
+    """The lines under the plot: why there is no suggestion, what was wrong with the range."""
+    notes = list(result.range_notes)
+    if result.optimal_lr is None and result.suggestion_note:
+        notes.insert(0, f"no suggestion ({result.suggestion_method}): {result.suggestion_note}")
+    return [line for note in notes for line in textwrap.wrap(note, 110)]
 
 
 def _limit_y(ax, result: LRFinderResult) -> None:

@@ -67,9 +67,10 @@ FLOOR = 10.0
 """... but never less than the LR where the descent ends (``Descent.bottom``) divided by this ...
 The suggestion benchmark's tune half chose MARGIN 5 and FLOOR 10 from 4 x 5 x 4 variants: the
 only ones with no too-high or diverged pick, and among those the lowest median and worst regret
-(``benchmarks/suggestion/tuning.md``). The steepest point alone lies up to 1.7 decades below the
-best constant LR, the end of the descent within about a decade above it: the floor carries the
-weight, and the steepest point moves the pick only within the factor of 2 above it."""
+(``benchmarks/suggestion/tuning.md``). On the tune half the steepest point lay up to 1.5 decades
+below the best constant LR (3.5 on one noisy curve) and 0.8 above it, the end of the descent
+0.5 below to 1.2 above it with half the spread: the floor carries the weight, and the steepest
+point moves the pick only within the factor of 2 above it."""
 
 GUARD = 5.0
 """... and never more than the LR where the descent ends divided by this: past it the run-up to
@@ -275,14 +276,18 @@ def steepest_gradient(curve: Curve) -> Suggestion:
        and 1 % of the loss, or there is no suggestion;
     3. the steepest point (most negative slope against log10 lr) is searched between the last
        time the loss was within ``DESCENT_BAND`` of the drop below its top and the minimum;
-    4. the suggestion is that point's LR / ``MARGIN``, but never more than the LR where the
-       descent ends (``Descent.bottom``) / ``GUARD``, taken as the ladder point at or just below.
+    4. the suggestion is that point's LR / ``MARGIN``, but never less than the LR where the
+       descent ends (``Descent.bottom``) / ``FLOOR`` and never more than it / ``GUARD``, taken
+       as the ladder point at or just below.
+
+    The curve should come from ``distlr.analysis.usable_curve``, which also cuts a loss that
+    blew up and fell again (``blow_up``).
 
     Example:
         >>> import numpy as np
         >>> lrs = np.geomspace(1e-6, 1.0, 100)
         >>> losses = 1 + 1 / (1 + (lrs / 1e-3) ** 2) + 3 * np.clip(np.log10(lrs) + 2, 0, None) ** 2
-        >>> round(np.log10(steepest_gradient(Curve.of(lrs, losses)).lr), 1)
+        >>> round(float(np.log10(steepest_gradient(Curve.of(lrs, losses)).lr)), 1)
         -3.5
     """
     return steepest_with(curve)

@@ -134,6 +134,7 @@ def test_a_loss_that_blows_up_and_then_collapses_is_read_only_up_to_the_blow_up(
     assert result.stop_reason == "completed"
     assert 1e-5 < result.optimal_lr < 1e-3 and result.peak_lr < 1e-2
     assert all(lr is None or lr < 0.1 for lr in result.suggestions.values())
+    assert any("blew up at lr=" in note and "read only the points before" in note for note in result.notes)
 
 
 def test_a_noisy_curve_still_falling_at_max_lr_gets_an_answer():

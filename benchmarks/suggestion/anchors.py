@@ -25,21 +25,22 @@ def tlf_smooth(raw, f=0.05):
     return np.asarray(out, dtype=float)
 
 
-def fastai_smooth(raw, beta=0.98):
+def debiased_smooth(raw, beta=0.98, offset=1):
+    """fastai's EMA, debiased by 1 - beta^(k + offset): offset 1 is fastai's, 2 Lightning's
+    (its debias exponent is global_step + 1 with global_step = k + 1, an off-by-one)."""
     out, v = [], 0.0
     for k, x in enumerate(raw):
         v = beta * v + (1 - beta) * x
-        out.append(v / (1 - beta ** (k + 1)))
+        out.append(v / (1 - beta ** (k + offset)))
     return np.asarray(out, dtype=float)
 
 
-def lightning_smooth(raw, beta=0.98):
-    # debias exponent = global_step + 1 with global_step = k + 1 (the off-by-one)
-    out, v = [], 0.0
-    for k, x in enumerate(raw):
-        v = beta * v + (1 - beta) * x
-        out.append(v / (1 - beta ** (k + 2)))
-    return np.asarray(out, dtype=float)
+def fastai_smooth(raw):
+    return debiased_smooth(raw, offset=1)
+
+
+def lightning_smooth(raw):
+    return debiased_smooth(raw, offset=2)
 
 
 # ---- D1 torch-lr-finder steepest -------------------------------------------------------------

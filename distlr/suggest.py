@@ -31,7 +31,10 @@ MIN_ABSOLUTE_DROP = 1e-12
 
 WIDTH_FRACTION = 0.04
 """``steepest_gradient``'s zero-lag smoother averages over a Gaussian of this fraction of the
-points (4 of 100), at least ``MIN_WIDTH``."""
+points (4 of 100), at least ``MIN_WIDTH``. On the benchmark's tune half (tuning.md) 0.08 lagged
+into too-low picks (median regret 0.17 against 0.06); 0.02 scored 0.045, a difference below what
+the benchmark resolves (the 3-seed means vary by about 2 %), and answered one curve fewer: the
+narrower smoothing is the noisier one, so 0.04 stays."""
 
 MIN_WIDTH = 1.5
 """Narrowest smoothing kernel, in points (short sweeps of 30 points still average ~5 raw losses)."""
@@ -46,7 +49,8 @@ NOISE_FACTOR = 4.0
 percentile of that ratio was 3.4-3.8 for normal and 3.9-4.7 for log-normal noise (5.4-6.9 for
 Student t with 3 dof); 5 refused a quarter of the noisy benchmark curves whose loss did fall
 (batch noise ~30 % of the loss), 4 keeps them. What noise lets through is flagged by
-``result.confidence`` (most resampled curves then give no answer)."""
+``result.confidence`` (most resampled curves then give no answer). On the tune half (tuning.md)
+3 and 4 gave the same regrets and 5 refused 2 more curves."""
 
 SIGNIFICANCE_WIDENING = 3.0
 """The noise test reads the level before the descent on a smoothing this many times wider than
@@ -58,7 +62,8 @@ a flat bottom the exact minimum is wherever the noise put it, its start is not."
 
 DESCENT_BAND = 0.25
 """The steepest point is searched after the last time the loss was within this fraction of
-the drop below its top, so a dip in a flat, noisy start that comes back up cannot win."""
+the drop below its top, so a dip in a flat, noisy start that comes back up cannot win
+(tests/test_suggest.py's noisy-start curve). 0.1 to 0.5 gave the same picks on the tune half."""
 
 MARGIN = 5.0
 """The seed's "slightly below": the constant LR is the steepest point's LR divided by this ..."""
@@ -75,8 +80,9 @@ point moves the pick only within the factor of 2 above it."""
 GUARD = 5.0
 """... and never more than the LR where the descent ends divided by this: past it the run-up to
 divergence begins. The steepest point lies before the descent ends, so with GUARD = MARGIN the
-margin already keeps the pick below it; the benchmark's variants with a tighter guard (1-3)
-picked too high on 3-15 of 43 curves."""
+margin already keeps the pick below it: tuning.md's variants with guard 1 to 5 (and MARGIN 5,
+FLOOR 10) pick the same LRs, and it lists the first as chosen. With FLOOR at the guard (the pick
+the descent's end / GUARD alone) a guard of 1-5 picked too high on 3-15 of 44 curves."""
 
 PEAK_FACTOR = 10.0
 """The one-cycle / warmup-cosine peak is at most this many times the constant-LR suggestion ..."""
@@ -85,7 +91,7 @@ PEAK_GUARD = 3.0
 """... and at most the LR where the descent ends divided by this. Chosen on the tune half under
 the one-cycle protocol, on the chosen constant rule: with FLOOR 10 the guard is what binds, so
 the peak is the descent's end / 3, 1.7-3.3 times the constant LR; a guard of 1-2 picked too high
-on 1-6 of 43 curves, 5 gave a worst regret of 11.8 against 2.9."""
+on 1-6 of 44 curves, 5 gave a worst regret of 11.8 against 2.9."""
 
 MINIMUM_DIVISOR = 10.0
 """``minimum`` suggests the LR of the lowest loss divided by this (fastai's rule)."""

@@ -62,7 +62,7 @@ def plot_result(
     ax.set_title(f"LR range test: {len(result.losses)} steps, {result.world_size} rank(s)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * len(footer), 1, 1))
+    fig.tight_layout(rect=(0, 0.01 + 0.022 * len(footer), 1, 1))  # room for the footer lines
     path = Path(output_path)
     # An interrupted save never leaves half a PNG behind.
     with atomic_path(path) as tmp:

@@ -58,7 +58,11 @@ the rule's: a flat start spans many points, and its noise shrinks by about the s
 
 BOTTOM_TOLERANCE = 0.05
 """The descent ends at the first point within this fraction of the drop above the minimum: on
-a flat bottom the exact minimum is wherever the noise put it, its start is not."""
+a flat bottom the exact minimum is wherever the noise put it, its start is not. On the tune half
+(tuning.md) 0.1-0.3 moved the end earlier and the picks lower (3-5 more too-low, median regret
+0.068-0.078 against 0.060), and so did ending the descent where the trend's fall slows to a share
+of its fastest (``find_descent``'s ``flat_share``, off: 0.068). Known cost: a long, nearly flat
+tail that dips lowest at ``max_lr`` moves the end, and the pick, to that tail."""
 
 DESCENT_BAND = 0.25
 """The steepest point is searched after the last time the loss was within this fraction of
@@ -231,11 +235,13 @@ class Descent:
 
 
 def find_descent(curve: Curve, *, width_fraction: float = WIDTH_FRACTION, skip_fraction: float = SKIP_FRACTION,
-                 noise_factor: float = NOISE_FACTOR, band: float = DESCENT_BAND) -> Descent | Suggestion:
+                 noise_factor: float = NOISE_FACTOR, band: float = DESCENT_BAND,
+                 bottom_tolerance: float = BOTTOM_TOLERANCE, flat_share: float | None = None) -> Descent | Suggestion:
     """The descent of a curve on its zero-lag smoothing, or a ``Suggestion`` saying why none.
 
     The keyword arguments default to the module's constants; the suggestion benchmark varies
-    them.
+    them. ``flat_share`` (off by default, and the benchmark keeps it off) also ends the descent at
+    the first point whose slope is no steeper than that share of the steepest.
     """
     refusal = _refuse_short(curve)
     if refusal is not None:
@@ -267,7 +273,8 @@ def find_descent(curve: Curve, *, width_fraction: float = WIDTH_FRACTION, skip_f
             "raise num_steps"
         )
     steepest = min(candidates, key=lambda i: (slope[i], i))
-    bottom = next(i for i in range(steepest, r.lowest + 1) if level[i] <= bottom_level + BOTTOM_TOLERANCE * r.drop)
+    bottom = next(i for i in range(steepest, r.lowest + 1) if level[i] <= bottom_level + bottom_tolerance * r.drop
+                  or (flat_share is not None and slope[i] >= flat_share * slope[steepest]))
     return Descent(reading=r, begin=begin, steepest=steepest, bottom=bottom)
 
 

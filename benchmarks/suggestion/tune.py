@@ -37,7 +37,8 @@ GUARDS = (1.0, 2.0, 3.0, 5.0, 10.0)
 FLOORS = (10.0, 30.0, math.inf)        # plus floor == guard: the pick is bottom / guard alone
 PEAK_FACTORS = (1.0, 2.0, 3.0, 5.0, 10.0)
 PEAK_GUARDS = (1.0, 1.5, 2.0, 3.0, 5.0)
-READING = {"width_fraction": (0.02, 0.04, 0.08), "noise_factor": (3.0, 4.0, 5.0), "band": (0.1, 0.25, 0.5)}
+READING = {"width_fraction": (0.02, 0.04, 0.08), "noise_factor": (3.0, 4.0, 5.0), "band": (0.1, 0.25, 0.5),
+           "bottom_tolerance": (0.05, 0.1, 0.2, 0.3), "flat_share": (0.0, 0.1, 0.25)}
 
 
 def constant_rule(**kw):
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
 
     # How the descent is read, one constant at a time around the shipped values, on the chosen
     # constant rule: the zero-lag smoother's width, the noise test, the band that starts the descent.
-    base = dict(width_fraction=suggest.WIDTH_FRACTION, noise_factor=suggest.NOISE_FACTOR, band=suggest.DESCENT_BAND)
+    base = dict(width_fraction=suggest.WIDTH_FRACTION, noise_factor=suggest.NOISE_FACTOR, band=suggest.DESCENT_BAND,
+                bottom_tolerance=suggest.BOTTOM_TOLERANCE)
     reading = {}
     for key, values in READING.items():
         for value in values:

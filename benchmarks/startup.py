@@ -56,7 +56,7 @@ def phases() -> dict[str, float]:
     logger = logging.getLogger("distlr")
     logger.setLevel(logging.INFO)
     logger.addHandler(FirstStep())
-    result = finder.find(**cfg.find_kwargs(), log_every=1)
+    result = finder.find(**cfg.sweep.as_dict(), log_every=1)
     mark(f"other {result.steps_run - 1} steps + restore")
     out = Path(tempfile.mkdtemp())
     write_atomic(out / RESULT_FILE, result.to_json())

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from distlr import distributed as D
 from distlr.build import build_dataloader, build_model, build_trainable
@@ -23,13 +24,16 @@ from distlr.cli import parse_cli
 from distlr.config import RunConfig
 from distlr.finder import LRFinder
 from distlr.report import CONFIG_FILE, PLOT_FILE, RESULT_FILE, TUNED_DS_FILE, new_output_dir, summary, write_atomic
-from distlr.session import launch_info, start_session
+from distlr.session import Session, launch_info, start_session
+from distlr.signals import Terminated
 
 logger = logging.getLogger("distlr")
-USER_ERRORS = (ValueError, TypeError, OSError, ImportError, D.RankFailure)
+BAD_INPUT = (ValueError, TypeError, OSError, ImportError, D.RankFailure)
+"""What the user can fix by changing the command: exit 2 with the message, no traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     info = launch_info()
     is_main = info is None or info.rank == 0
     try:
@@ -42,22 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
         warnings.filterwarnings("ignore", message=f"`torch.distributed.{name}` is deprecated", category=FutureWarning)
 
-    session = start_session(cfg.device, dist_backend=cfg.dist_backend, dist_timeout=cfg.dist_timeout,
-                            for_deepspeed=cfg.deepspeed is not None)
-    ctx = session.ctx
+    session: Session | None = None
     try:
+        session = start_session(cfg.device, dist_backend=cfg.dist_backend, dist_timeout=cfg.dist_timeout,
+                                for_deepspeed=cfg.deepspeed is not None)
+        ctx = session.ctx
+        is_main = ctx.is_main
         _seed_everything(cfg.seed)
         out_dir = _output_dir(cfg, ctx)
         model = build_model(cfg.model, seq_len=cfg.seq_len)
         loader = build_dataloader(cfg, model)
-        model, optimizer, ds_config = build_trainable(cfg, model, ctx)  # a DeepSpeed engine with --deepspeed
+        optimizer, ds_config = build_trainable(cfg, model)
         with LRFinder(model, loader, optimizer, device=ctx.device, snapshot=cfg.snapshot,
                       snapshot_dir=cfg.snapshot_dir, find_unused_parameters=cfg.find_unused_parameters,
                       data_seed=cfg.seed, deepspeed_config=ds_config) as finder:
-            logger.info("range test: lr %.1e -> %.1e, %d steps, %d rank(s) on %s", cfg.min_lr, cfg.max_lr,
-                        cfg.num_steps, ctx.world_size, ctx.device.type)
-            result = finder.find(**cfg.find_kwargs(), total_steps=cfg.total_steps, progress=cfg.progress,
-                                 log_every=cfg.log_every)
+            logger.info("range test: lr %.1e -> %.1e, %d steps, %d rank(s) on %s", cfg.sweep.min_lr,
+                        cfg.sweep.max_lr, cfg.sweep.num_steps, ctx.world_size, ctx.device.type)
+            result = finder.find(**cfg.sweep.as_dict(), progress=cfg.progress, log_every=cfg.log_every)
             if ctx.is_main:
                 write_atomic(out_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
                 write_atomic(out_dir / RESULT_FILE, result.to_json())
@@ -67,29 +72,34 @@ def main(argv: list[str] | None = None) -> int:
                     written.append(write_atomic(out_dir / TUNED_DS_FILE, json.dumps(result.deepspeed_config, indent=2)))
                 print(summary(result))
                 print("wrote " + ", ".join(map(str, written)))
-    except USER_ERRORS as err:
-        return _fail(err, ctx.is_main)
+    except BAD_INPUT as err:
+        return _fail(err, is_main)
+    except D.DistlrError as err:  # a failure distlr explained: a rank lost, fp16 overflowing
+        return _fail(err, True, code=1)  # each rank says what it saw
+    except KeyboardInterrupt as err:
+        if is_main:
+            what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+            print(f"distlr: {what}; the model, optimizer and RNG state were put back", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     finally:
-        session.close()
+        if session is not None:
+            session.close()
     return 0
 
 
 def _output_dir(cfg: RunConfig, ctx: D.DistContext) -> Path:
     """Rank 0 makes the output directory (never over an earlier result) and tells the others."""
-    path, error = None, None
-    if ctx.is_main:
-        try:
+    path = None
+    with D.agree_on_failure(ctx):
+        if ctx.is_main:
             path = new_output_dir(cfg.output_dir, overwrite=cfg.overwrite)
-        except OSError as err:
-            error = err
-    D.raise_if_any_failed(ctx, error)
     return D.broadcast_object(ctx, path)
 
 
-def _fail(err: BaseException, is_main: bool) -> int:
+def _fail(err: BaseException, is_main: bool, *, code: int = 2) -> int:
     if is_main:
         print(f"distlr: error: {err}", file=sys.stderr)
-    return 2
+    return code
 
 
 def _seed_everything(seed: int) -> None:
@@ -98,5 +108,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@record
+def entry() -> int:
+    """The console script and ``python -m distlr``: under torchrun, a rank's uncaught error and
+    its traceback reach the job's failure summary (torch elastic's ``@record``)."""
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

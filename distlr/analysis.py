@@ -14,6 +14,7 @@ import numpy as np
 from distlr.curve import Curve, ema
 from distlr.result import LRFinderResult
 from distlr.schedule import recommend_schedule
+from distlr.tracker import StopReason
 from distlr.suggest import (MIN_POINTS, MIN_RELATIVE_DROP, MIN_WIDTH, NOISE_FACTOR, SUGGESTION_RULES, WIDTH_FRACTION,
                             Suggestion, SuggestionRule, blow_up, peak_with, read_curve, suggest_all)
 
@@ -199,7 +200,7 @@ def build_result(
         smoothed_losses=list(smoothed),
         best_lr_idx=best_idx,
         suggestion_method=suggestion_method,
-        stop_reason=stop_reason,
+        stop_reason=StopReason(stop_reason).value,
         diverged_at=diverged_at,
         suggestion_note=chosen.reason,
         suggestions={name: s.lr for name, s in suggestions.items()},

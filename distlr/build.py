@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from distlr.config import RunConfig
-from distlr.distributed import DistContext
 
 BYTE_VOCAB = 256
 BUILTIN_MODELS = ("demo", "tiny-gpt", "gpt2-small")
@@ -144,7 +143,7 @@ def _text_files(spec: str) -> list[Path]:
     return files
 
 
-def _tokens_for(cfg: RunConfig, model: nn.Module) -> torch.Tensor:
+def _tokens_for(cfg: RunConfig) -> torch.Tensor:
     if cfg.data == "demo":
         return byte_tokens(demo_text())
     files = _text_files(cfg.data)
@@ -175,7 +174,7 @@ def build_dataloader(cfg: RunConfig, model: nn.Module) -> Any:
             raise ValueError(f"data={cfg.data!r}: the factory returned {type(made).__name__}, not a Dataset or loader")
         dataset: Dataset = made
     else:
-        tokens = _tokens_for(cfg, model)
+        tokens = _tokens_for(cfg)
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab is not None and int(tokens.max()) >= vocab:
             raise ValueError(
@@ -192,25 +191,29 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer a config names, over the trainable parameters (its LR is set by the sweep)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.min_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.sweep.min_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return kind(params, lr=cfg.min_lr, weight_decay=cfg.weight_decay)
+    return kind(params, lr=cfg.sweep.min_lr, weight_decay=cfg.weight_decay)
 
 
-def build_trainable(cfg: RunConfig, model: nn.Module, ctx: DistContext) -> tuple[nn.Module, Any, dict | None]:
-    """What the range test runs: ``(model, optimizer, None)``, or with ``--deepspeed`` the
-    engine built from the user's config: ``(engine, None, the config as the user wrote it)``.
+def build_trainable(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optimizer | None, dict | None]:
+    """The optimizer and the DeepSpeed config the range test runs with: ``(optimizer, None)``,
+    or with ``--deepspeed`` ``(optimizer or None, the config)``.
 
-    A config with its own ``optimizer`` block keeps it; otherwise ``--optimizer`` is used.
+    A DeepSpeed config with its own ``optimizer`` block keeps it (no torch optimizer is made);
+    otherwise ``--optimizer`` is used. ``--weight-decay`` fills the block's "auto" weight decay,
+    as ``TrainingArguments.weight_decay`` does in the Hugging Face integration; ``LRFinder``
+    resolves the other "auto" values from the sweep.
     """
     if cfg.deepspeed is None:
-        return model, build_optimizer(cfg, model), None
-    from distlr.ds_backend import build_engine
-    from distlr.dsconfig import load_ds_config
+        return build_optimizer(cfg, model), None
+    from distlr.backends import read_deepspeed_config
 
-    user = load_ds_config(cfg.deepspeed)
-    optimizer = None if "optimizer" in user else build_optimizer(cfg, model)
-    engine, user, _ = build_engine(model.to(ctx.device), user, optimizer=optimizer, ctx=ctx,
-                                   micro_batch_size=cfg.batch_size, accumulation_steps=cfg.accumulation_steps,
-                                   max_grad_norm=cfg.max_grad_norm, amp=cfg.amp, weight_decay=cfg.weight_decay)
-    return engine, None, user
+    config = read_deepspeed_config(cfg.deepspeed)
+    block = config.get("optimizer")
+    if not isinstance(block, dict):
+        return build_optimizer(cfg, model), config
+    params = block.get("params")
+    if isinstance(params, dict) and params.get("weight_decay") == "auto":
+        params["weight_decay"] = cfg.weight_decay
+    return None, config

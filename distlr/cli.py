@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
 
-from distlr.config import RunConfig, closest, field_docs, load_yaml
+from distlr.args import SweepArgs
+from distlr.choices import closest
+from distlr.config import RunConfig, field_defaults, field_docs, field_types, load_yaml
 
 DESCRIPTION = """\
 LR range test that runs where training runs. With no arguments: the built-in demo (a tiny GPT on
@@ -19,16 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of the keys below (flags override it)")
     # The deepspeed launcher passes --local_rank; the rank comes from the environment anyway.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    docs = field_docs(RunConfig)
-    hints = typing.get_type_hints(RunConfig)
-    for f in dataclasses.fields(RunConfig):
-        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
-        if hints[f.name] is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+    docs = {**field_docs(SweepArgs), **field_docs(RunConfig)}
+    defaults = field_defaults()
+    for name, tp in field_types().items():
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        help_text = f"{docs.get(name, '')} (default: {defaults[name]})"
+        if tp is bool:
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(*flags, dest=f.name, metavar="VALUE", default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(*flags, dest=name, metavar="VALUE", default=argparse.SUPPRESS, help=help_text)
     return parser
 
 

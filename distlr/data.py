@@ -43,9 +43,7 @@ class BatchStream:
 
     def __init__(self, loader: Iterable[Any]) -> None:
         self.loader = loader
-        self.epoch = 0
         self.cycled = False
-        self.batches_read = 0
         # Made on the first fetch, not here: a DataLoader draws its shuffle seed from the torch RNG
         # when its iterator is created, and that must happen after the snapshot.
         self._it: Iterator[Any] | None = None
@@ -65,7 +63,6 @@ class BatchStream:
             self._new_epoch()
             batch = next(self._it)
         self._read_this_epoch += 1
-        self.batches_read += 1
         return batch
 
     def take(self, n: int) -> list[Any]:
@@ -79,7 +76,6 @@ class BatchStream:
                 "to reach num_steps", self._read_this_epoch,
             )
         self.cycled = True
-        self.epoch += 1
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(getattr(sampler, "epoch", 0) + 1)

@@ -2,7 +2,8 @@
 
 Each function here is a collective: **every rank must call it, in the same order**, or the job
 hangs. With one process (``world_size == 1``) they reduce to local arithmetic and touch no
-process group. Flags travel as int tensors (NCCL reduces no bools).
+process group. Flags travel as int tensors (NCCL reduces no bools). A communication that fails
+is named by where it happened (``communication``), never by the text of its error.
 """
 
 from __future__ import annotations
@@ -14,12 +15,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-DIST_BACKENDS = ("auto", "nccl", "gloo")
-
-# Codes rank 0 broadcasts after every step: go on, stop (and why), or retry the LR (an fp16
-# step skipped for overflow is no point on the curve).
-CONTINUE, STOP_DIVERGED, STOP_NON_FINITE, RETRY, STOP_OVERFLOW = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -40,55 +35,50 @@ class DistContext:
         return self.world_size > 1
 
 
-class CollectiveError(RuntimeError):
-    """A collective of the sweep failed: another rank died, hung past the timeout, or left."""
+class DistlrError(RuntimeError):
+    """A failure distlr explains in words (the command line prints it without a traceback)."""
 
 
-_TRANSPORT_MARKS = ("gloo", "NCCL", "Timed out", "timed out", "Connection closed", "Connection reset")
+class CollectiveError(DistlrError):
+    """A communication between the ranks failed: another rank died, hung past the timeout, or left."""
+
+
+class RankFailure(DistlrError):
+    """Another rank failed; this rank stops with the same message instead of hanging."""
 
 
 @contextlib.contextmanager
-def named_failure(ctx: DistContext, what: str, step: int) -> Iterator[None]:
-    """Turn a communication failure inside the block into a ``CollectiveError`` that says which
-    rank was waiting, for what, at which step, and where to look.
+def communication(ctx: DistContext, what: str, step: int | None = None) -> Iterator[None]:
+    """Name a failure inside the block as a failed communication: a ``CollectiveError`` that
+    says which rank was waiting, for what, at which step, and where to look.
 
-    gloo and NCCL report a dead or stalled peer as a bare transport error. Only such errors are
-    renamed (``torch.distributed.DistError``, or a RuntimeError from gloo/NCCL); an exception of
-    the model's own passes through untouched.
+    Wrap only code whose failure is a failure to communicate: distlr's collectives below, and
+    the backward pass of a DDP model (DDP all-reduces its gradients there). A model's forward
+    is never inside, so an error of the model's own keeps its type and message, whatever the
+    message says. Errors distlr already explained pass through.
     """
     try:
         yield
     except RuntimeError as err:
-        if not ctx.distributed or not (isinstance(err, dist.DistError) or any(m in str(err) for m in _TRANSPORT_MARKS)):
+        if not ctx.distributed or isinstance(err, DistlrError):
             raise
+        at = "" if step is None else f" of step {step}"
         raise CollectiveError(
-            f"rank {ctx.rank}: the {what} of step {step} failed; another rank died, hung past the "
-            f"collective timeout or left the sweep (look for its own error above): {err}"
+            f"rank {ctx.rank}: the {what}{at} failed; another rank died, hung past the collective timeout "
+            f"or left the sweep (look for its own error above): {err}"
         ) from err
 
 
 def all_reduce_step_stats(ctx: DistContext, stats: torch.Tensor, step: int = 0) -> None:
-    """Sum this step's packed statistics over all ranks, in place, without reading them.
+    """Sum this step's packed statistics over all ranks, in place.
 
-    ``stats`` is one float tensor (weighted loss sum, item count, flags) so the whole step costs
-    one all-reduce. Collective: every rank must call this, in the same order.
+    ``stats`` is one float tensor (weighted loss sum, item count, flags), so a step costs one
+    all-reduce, and every rank ends up holding the same sums. Collective: every rank must call
+    this, in the same order.
     """
     if ctx.distributed:
-        with named_failure(ctx, "all-reduce of the loss", step):
+        with communication(ctx, "all-reduce of the loss", step):
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-
-
-def broadcast_stop(ctx: DistContext, code: int, step: int = 0) -> int:
-    """Rank 0's stop code, on every rank; rank 0 does not read back what it sent.
-
-    Collective: every rank must call this, in the same order.
-    """
-    if not ctx.distributed:
-        return code
-    flag = torch.tensor([code], dtype=torch.int32, device=ctx.device)
-    with named_failure(ctx, "stop-decision broadcast", step):
-        dist.broadcast(flag, src=0)
-    return code if ctx.is_main else int(flag.item())
 
 
 def any_rank(ctx: DistContext, flag: bool) -> bool:
@@ -96,7 +86,8 @@ def any_rank(ctx: DistContext, flag: bool) -> bool:
     if not ctx.distributed:
         return flag
     value = torch.tensor([int(flag)], dtype=torch.int32, device=ctx.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    with communication(ctx, "all-reduce of a flag"):
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
 
@@ -105,33 +96,82 @@ def broadcast_object(ctx: DistContext, obj: Any) -> Any:
     if not ctx.distributed:
         return obj
     box = [obj if ctx.is_main else None]
-    dist.broadcast_object_list(box, src=0, device=ctx.device)
+    with communication(ctx, "broadcast from rank 0"):
+        dist.broadcast_object_list(box, src=0, device=ctx.device)
     return box[0]
 
 
-class RankFailure(RuntimeError):
-    """Another rank failed; this rank stops with the same message instead of hanging."""
+def gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank. Collective: every rank must call this, in the same order."""
+    if not ctx.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    with communication(ctx, "exchange between the ranks"):
+        dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier(ctx: DistContext, what: str) -> None:
+    """Wait until every rank is here. Collective: every rank must call this, in the same order."""
+    if ctx.distributed:
+        with communication(ctx, what):
+            dist.barrier()
 
 
 def raise_if_any_failed(ctx: DistContext, error: BaseException | None) -> None:
     """Make a failure on any rank a failure on every rank, with the same message.
 
-    Call it after a step that can fail on some ranks only (checking arguments, writing a
-    snapshot): the rank that failed re-raises its own error, the others raise a RuntimeError
-    naming the rank and the cause, so no rank walks on into a collective the others never
-    reach. Collective: every rank must call this, in the same order.
+    The rank that failed re-raises its own error; the others raise ``RankFailure`` naming the
+    rank and the cause, so no rank walks on into a collective the others never reach.
+    Collective: every rank must call this, in the same order.
     """
     if not ctx.distributed:
         if error is not None:
             raise error
         return
     message = None if error is None else f"{type(error).__name__}: {error}"
-    gathered: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, message)
-    failed = [(rank, msg) for rank, msg in enumerate(gathered) if msg is not None]
+    failed = [(rank, msg) for rank, msg in enumerate(gather_objects(ctx, message)) if msg is not None]
     if not failed:
         return
     if error is not None:
         raise error
     rank, msg = failed[0]
     raise RankFailure(f"rank {rank} failed: {msg}")
+
+
+@contextlib.contextmanager
+def agree_on_failure(ctx: DistContext) -> Iterator[None]:
+    """Run a block that can fail on some ranks only (checking arguments, writing a snapshot);
+    if it fails anywhere, it fails everywhere (``raise_if_any_failed``).
+
+    An ``Exception`` is shared with the other ranks; a ``KeyboardInterrupt`` is not (it ends
+    this rank at once). Collective: every rank must enter and leave the block, in the same order.
+
+    Example:
+        >>> with agree_on_failure(DistContext()):
+        ...     pass
+    """
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - whatever it was, every rank must hear of it
+        error = err
+    raise_if_any_failed(ctx, error)
+
+
+def agree_on_arguments(ctx: DistContext, what: str, values: dict[str, Any]) -> None:
+    """Every rank must have passed the same ``values``; if not, every rank raises the same
+    ValueError naming each argument that differs and each rank's value.
+
+    Arguments that differ between ranks would make the ranks run different sweeps: one would
+    wait in a collective that another never reaches. Collective: every rank must call this,
+    in the same order.
+    """
+    if not ctx.distributed:
+        return
+    gathered = gather_objects(ctx, {name: repr(value) for name, value in values.items()})
+    differ = [name for name in values if len({g[name] for g in gathered}) > 1]
+    if differ:
+        detail = "; ".join(f"{name}: " + ", ".join(f"rank {r}: {g[name]}" for r, g in enumerate(gathered))
+                           for name in differ)
+        raise ValueError(f"the ranks passed different {what} ({detail}); every rank must pass the same")

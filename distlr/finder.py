@@ -1,12 +1,12 @@
 """``LRFinder``: the public facade. It checks arguments, then hands each job to its module.
 
-config (validate) -> backend (one step) -> snapshot -> sweep -> analysis (suggest) -> restore
--> plot. Every exit path of ``find()`` restores the state taken before the sweep.
+session (join or make the process group) -> backend (DDP wrap or DeepSpeed engine, one step)
+-> snapshot -> sweep -> analysis (suggest) -> restore -> plot. Every exit path of ``find()``
+restores the state taken before the sweep; SIGTERM is one of them.
 """
 
 from __future__ import annotations
 
-import gc
 import inspect
 import logging
 import os
@@ -19,27 +19,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from distlr import backends
 from distlr import distributed as D
 from distlr.analysis import build_result
-from distlr.backend import AmpMode, Backend, TorchBackend
-from distlr.batch import Criterion, is_causal_lm
-from distlr.config import check_choice, validate_find_args
+from distlr.args import DEFAULTS, SweepArgs
+from distlr.batch import Criterion
+from distlr.choices import SNAPSHOT_MODES, AmpMode, SnapshotMode, StepMode, SuggestionMethod, check_choice
 from distlr.data import BatchStream, check_loader, shard_loader
-from distlr.ds_backend import DeepSpeedBackend, build_engine, engine_dtype, is_deepspeed_engine
-from distlr.dsconfig import load_ds_config, total_steps_from, tuned_config
-from distlr.ladder import StepMode, lr_ladder
+from distlr.ladder import lr_ladder
 from distlr.plot import plot_result
 from distlr.report import ProgressReporter
 from distlr.result import LRFinderResult
 from distlr.session import DEFAULT_TIMEOUT_S, start_session
-from distlr.snapshot import SNAPSHOT_MODES, Snapshot, SnapshotMode
+from distlr.signals import shielded, sigterm_as_interrupt
+from distlr.snapshot import Snapshot
 from distlr.sweep import run_sweep
 from distlr.tracker import LossTracker
 
 logger = logging.getLogger(__name__)
 
 
-class NoSuggestionError(RuntimeError):
+class NoSuggestionError(D.DistlrError):
     """``find_optimal_lr`` found no sound learning rate; ``.result`` holds the curve and why."""
 
     def __init__(self, result: LRFinderResult) -> None:
@@ -51,7 +51,8 @@ class LRFinder:
     """Learning-rate range test (Smith, arXiv:1506.01186) that restores everything afterwards.
 
     Args:
-        model: the ``nn.Module`` to test. It is moved to ``device`` and left there.
+        model: the ``nn.Module`` to test (or a DeepSpeed engine). It is moved to ``device``
+            and left there.
         train_dataloader: an iterable of batches: ``(inputs, targets)``, dicts (Hugging Face
             style) or anything with ``.to()``.
         optimizer: used as is (several param groups keep their LR ratios along the ramp);
@@ -69,18 +70,23 @@ class LRFinder:
         dist_timeout: collective timeout in seconds for a process group distlr creates.
         data_seed: shuffle seed of the ``DistributedSampler`` distlr puts in a loader that has
             none (the same on every rank).
+        deepspeed_config: a DeepSpeed config (a JSON file or a dict): the first ``find()``
+            builds the engine from it, resolving its "auto" values from that sweep's arguments.
 
     Under torchrun every rank constructs the finder and calls ``find()``: the model is wrapped
     in DDP (unless it already is DDP/FSDP), the loader gets a ``DistributedSampler`` (unless it
     has one), the loss is averaged over all ranks and every rank stops on the same step.
 
+    The finder joins the job's process group, or makes one under a launcher that has none;
+    ``close()`` (or leaving a ``with LRFinder(...) as finder:`` block) ends only a group it made.
+
     Raises:
         TypeError / ValueError: a bad argument, before anything runs.
 
     Example:
-        >>> finder = LRFinder(model, loader, criterion=nn.CrossEntropyLoss())  # doctest: +SKIP
-        >>> result = finder.find(num_steps=100)                              # doctest: +SKIP
-        >>> finder.plot("lr_finder.png")                                     # doctest: +SKIP
+        >>> with LRFinder(model, loader, criterion=nn.CrossEntropyLoss()) as finder:  # doctest: +SKIP
+        ...     result = finder.find(num_steps=100)
+        ...     finder.plot("lr_finder.png")
     """
 
     def __init__(
@@ -101,72 +107,40 @@ class LRFinder:
         data_seed: int = 0,
         deepspeed_config: str | Path | dict[str, Any] | None = None,
     ) -> None:
-        # DeepSpeed needs a process group even for one process.
-        use_deepspeed = deepspeed_config is not None or is_deepspeed_engine(model)
         self._session = start_session(device, dist_backend=dist_backend, dist_timeout=dist_timeout,
-                                      for_deepspeed=use_deepspeed)
+                                      for_deepspeed=backends.needs_process_group(model, deepspeed_config))
         self.ctx = self._session.ctx
         self.device = self.ctx.device
         try:
-            error = None
-            try:
-                _check_constructor_args(model, train_dataloader, optimizer, criterion, snapshot)
-            except (TypeError, ValueError) as err:
-                error = err
             # The same error on every rank, before any rank enters DDP's or DeepSpeed's collectives.
-            D.raise_if_any_failed(self.ctx, error)
-            self._setup(model, train_dataloader, optimizer, criterion, deepspeed_config=deepspeed_config,
-                        find_unused_parameters=find_unused_parameters, data_seed=data_seed)
+            with D.agree_on_failure(self.ctx):
+                _check_constructor_args(model, train_dataloader, optimizer, criterion, snapshot)
+                backends.check_args(model, optimizer, deepspeed_config)
+                ds_config = backends.read_deepspeed_config(deepspeed_config)
+            if not type(model).__module__.startswith("deepspeed"):
+                model = model.to(self.device)  # an engine already placed its module
+            self.train_dataloader = shard_loader(train_dataloader, self.ctx, seed=data_seed)
         except BaseException:
             self._session.close()
             raise
-        self.lr_scheduler, self.grad_scaler = lr_scheduler, grad_scaler
+        self._spec = backends.BackendSpec(
+            model=model, optimizer=optimizer, criterion=criterion, ctx=self.ctx, lr_scheduler=lr_scheduler,
+            grad_scaler=grad_scaler, find_unused_parameters=find_unused_parameters, deepspeed_config=ds_config,
+            micro_batch_hint=getattr(train_dataloader, "batch_size", None))
+        self._backend: backends.Backend | None = None
         self.snapshot_mode: SnapshotMode = snapshot
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else Path(tempfile.gettempdir())
         self.result: LRFinderResult | None = None
         self._snapshot: Snapshot | None = None
 
-    def _setup(self, model: nn.Module, loader: Iterable[Any], optimizer: torch.optim.Optimizer | None,
-               criterion: Criterion | None, *, deepspeed_config: Any, find_unused_parameters: bool,
-               data_seed: int) -> None:
-        """The model to train (DDP wrapper or DeepSpeed engine), its optimizer, the sharded loader."""
-        self._engine: Any | None = None
-        self._ds_config: dict[str, Any] | None = None
-        self._notes: list[str] = []
-        if is_deepspeed_engine(model):
-            self._engine = model
-            self._ds_config = load_ds_config(deepspeed_config) if deepspeed_config is not None else dict(model.config)
-        elif deepspeed_config is not None:
-            self._engine, self._ds_config, self._notes = build_engine(
-                model.to(self.device), deepspeed_config, optimizer=optimizer, ctx=self.ctx,
-                micro_batch_size=getattr(loader, "batch_size", None))
-        if self._engine is not None:
-            model, optimizer = self._engine.module, self._engine.optimizer
-            if self._engine.lr_scheduler is not None or "scheduler" in self._ds_config:
-                self._notes.append("the DeepSpeed scheduler was set aside for the sweep (the sweep sets the LR); "
-                                   "the tuned config carries a new one")
-        self.model = model.to(self.device)
-        self.optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-        self.criterion = criterion
-        # Under DDP every rank trains through the wrapper, which also makes rank 0's weights
-        # everyone's (as DDP always does); the user's module stays what is snapshotted.
-        self._train_model = self._engine or wrap_for_data_parallel(self.model, self.ctx, find_unused_parameters)
-        self.train_dataloader = shard_loader(loader, self.ctx, seed=data_seed)
-
     def close(self) -> None:
-        """Remove a disk snapshot and end the process group if distlr created it.
-
-        A group made for DeepSpeed is kept: DeepSpeed holds on to it in module globals, and a
-        later engine in this process would break on a new one.
-        """
+        """Remove a disk snapshot, let go of the DDP wrapper, end the process group if the
+        finder made it (a group made for DeepSpeed is kept: DeepSpeed holds on to it)."""
         if self._snapshot is not None and self.snapshot_mode == "disk":
             self._snapshot.discard()
             self._snapshot = None
-        if self._train_model is not self.model:
-            # Drop the DDP wrapper before its process group: a group that is freed from inside the
-            # wrapper's deallocation joins its worker threads while holding the GIL and deadlocks.
-            self._train_model = self.model
-            gc.collect()
+        if self._backend is not None:
+            self._backend.release()
         self._session.close()
 
     def __enter__(self) -> LRFinder:
@@ -177,18 +151,18 @@ class LRFinder:
 
     def find(
         self,
-        min_lr: float = 1e-8,
-        max_lr: float = 1e-1,
-        num_steps: int = 100,
-        smooth_factor: float = 0.98,
-        divergence_threshold: float = 4.0,
-        suggestion_method: str = "steepest_gradient",
+        min_lr: float = DEFAULTS.min_lr,
+        max_lr: float = DEFAULTS.max_lr,
+        num_steps: int = DEFAULTS.num_steps,
+        smooth_factor: float = DEFAULTS.smooth_factor,
+        divergence_threshold: float = DEFAULTS.divergence_threshold,
+        suggestion_method: SuggestionMethod = DEFAULTS.suggestion_method,
         *,
-        step_mode: StepMode = "exp",
-        accumulation_steps: int = 1,
-        max_grad_norm: float | None = None,
-        amp: AmpMode = "no",
-        total_steps: int | None = None,
+        step_mode: StepMode = DEFAULTS.step_mode,
+        accumulation_steps: int = DEFAULTS.accumulation_steps,
+        max_grad_norm: float | None = DEFAULTS.max_grad_norm,
+        amp: AmpMode = DEFAULTS.amp,
+        total_steps: int | None = DEFAULTS.total_steps,
         progress: bool = False,
         log_every: int = 10,
     ) -> LRFinderResult:
@@ -214,115 +188,87 @@ class LRFinder:
             The ``LRFinderResult``, identical on every rank.
 
         Raises:
-            TypeError / ValueError: a bad argument, before any training step; a batch or model
-                output whose loss cannot be found, before the first optimizer step.
+            TypeError / ValueError: a bad argument, or arguments that differ between ranks,
+                before any training step; a batch or model output whose loss cannot be found,
+                before the first optimizer step.
+            KeyboardInterrupt: Ctrl-C or SIGTERM (``distlr.signals.Terminated``), after the
+                state was restored.
         """
-        self._check_find_args(
-            min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, smooth_factor=smooth_factor,
-            divergence_threshold=divergence_threshold, suggestion_method=suggestion_method, step_mode=step_mode,
-            accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm, amp=amp, total_steps=total_steps,
-        )
-        ladder = lr_ladder(min_lr, max_lr, num_steps, step_mode)
-        backend = self._make_backend(amp=amp, max_grad_norm=max_grad_norm)
-        if isinstance(backend, DeepSpeedBackend):
-            accumulation_steps = backend.accumulation_steps  # the engine's config decides
-        if total_steps is None and self._ds_config is not None:
-            total_steps = total_steps_from(self._ds_config)
-        tracker = LossTracker(smooth_factor=smooth_factor, divergence_threshold=divergence_threshold)
-        reporter = ProgressReporter(num_steps, bar=progress, log_every=log_every) if self.ctx.is_main else None
+        # Every rank checks its arguments, and the ranks compare them, before any step.
+        with D.agree_on_failure(self.ctx):
+            args = SweepArgs(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, smooth_factor=smooth_factor,
+                             divergence_threshold=divergence_threshold, suggestion_method=suggestion_method,
+                             step_mode=step_mode, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
+                             amp=amp, total_steps=total_steps)
+            _check_display_args(progress=progress, log_every=log_every)
+        D.agree_on_arguments(self.ctx, "find() arguments", args.as_dict())
+        with D.agree_on_failure(self.ctx):
+            if self._backend is None:
+                self._backend = backends.make_backend(self._spec, args)
+            self._backend.configure(args)
+        backend = self._backend
+        ladder = lr_ladder(args.min_lr, args.max_lr, args.num_steps, args.step_mode)
+        tracker = LossTracker(smooth_factor=args.smooth_factor, divergence_threshold=args.divergence_threshold)
+        reporter = ProgressReporter(args.num_steps, bar=progress, log_every=log_every) if self.ctx.is_main else None
 
         start = time.perf_counter()
-        snapshot = self._take_snapshot(backend)
-        stream = BatchStream(self.train_dataloader)
-        try:
-            history = run_sweep(backend, stream, ladder, tracker, self.ctx,
-                                accumulation_steps=accumulation_steps, reporter=reporter)
-        finally:
-            if reporter is not None:
-                reporter.close()
-            snapshot.restore()
-            if self.snapshot_mode == "disk":
-                # A disk snapshot is removed as soon as it has been restored, on every exit path.
-                snapshot.discard()
-                self._snapshot = None
+        with sigterm_as_interrupt():
+            snapshot = self._take_snapshot(backend)
+            stream = BatchStream(self.train_dataloader)
+            try:
+                history = run_sweep(backend, stream, ladder, tracker, self.ctx, reporter=reporter)
+            finally:
+                if reporter is not None:
+                    reporter.close()
+                # A restore, once begun, is finished before a second Ctrl-C or a SIGTERM is let through.
+                with shielded():
+                    snapshot.restore()
+                    if self.snapshot_mode == "disk":
+                        # A disk snapshot is removed as soon as it has been restored, on every exit path.
+                        snapshot.discard()
+                        self._snapshot = None
         elapsed = time.perf_counter() - start
         cycled = D.any_rank(self.ctx, stream.cycled)  # shards may differ in length between ranks
 
         result = None
         if self.ctx.is_main:
-            notes = list(self._notes)
+            notes = list(backend.notes)
             if cycled:
-                notes.append(f"train_dataloader ran out before {num_steps} steps and was cycled (new epochs)")
-            result = self._result(
+                notes.append(f"train_dataloader ran out before {args.num_steps} steps and was cycled (new epochs)")
+            result = build_result(
                 lrs=history.lrs, losses=history.losses, smoothed=history.smoothed, stop_reason=history.stop_reason,
-                diverged_at=history.diverged_at, skipped_steps=history.skipped_steps, smooth_factor=smooth_factor,
-                min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, suggestion_method=suggestion_method,
-                step_mode=step_mode, micro_batch_size=backend.micro_batch_size, accumulation_steps=accumulation_steps,
-                elapsed_s=elapsed, total_steps=total_steps, notes=notes,
+                diverged_at=history.diverged_at, skipped_steps=history.skipped_steps, min_lr=args.min_lr,
+                max_lr=args.max_lr, num_steps=args.num_steps, smooth_factor=args.smooth_factor,
+                suggestion_method=args.suggestion_method, step_mode=args.step_mode, world_size=self.ctx.world_size,
+                micro_batch_size=backend.micro_batch_size, accumulation_steps=backend.accumulation_steps,
+                elapsed_s=elapsed, total_steps=args.total_steps or backend.total_steps_hint, notes=notes,
+            )
+            backend.add_to_result(result)
+            logger.info(
+                "suggested lr %s (%s) | %s after %d/%d steps | %.1f s",
+                "none" if result.optimal_lr is None else f"{result.optimal_lr:.3e}", result.suggestion_method,
+                result.stop_reason,
+                result.steps_run, result.num_steps, result.elapsed_s,
             )
         self.result = D.broadcast_object(self.ctx, result)
         return self.result
 
-    def _check_find_args(self, *, amp: str, max_grad_norm: float | None, accumulation_steps: int,
-                         total_steps: Any, **find_args: Any) -> None:
-        """Every argument checked on every rank; the same error everywhere, before any step."""
-        error: Exception | None = None
-        try:
-            validate_find_args(amp=amp, max_grad_norm=max_grad_norm, accumulation_steps=accumulation_steps,
-                               **find_args)
-            _check_run_args(amp=amp, device=self.device, total_steps=total_steps)
-            if self._engine is not None:
-                _check_engine_args(self._engine, amp=amp, max_grad_norm=max_grad_norm,
-                                   accumulation_steps=accumulation_steps)
-        except (TypeError, ValueError) as err:
-            error = err
-        D.raise_if_any_failed(self.ctx, error)
-
-    def _make_backend(self, *, amp: AmpMode, max_grad_norm: float | None) -> Backend:
-        causal_lm = is_causal_lm(self.model)
-        if self._engine is not None:
-            return DeepSpeedBackend(self._engine, criterion=self.criterion, device=self.device,
-                                    causal_lm=causal_lm, ctx=self.ctx)
-        return TorchBackend(
-            self._train_model, self.optimizer, criterion=self.criterion, device=self.device, amp=amp,
-            grad_scaler=self.grad_scaler, max_grad_norm=max_grad_norm, causal_lm=causal_lm,
-            lr_scheduler=self.lr_scheduler, rank=self.ctx.rank,
-        )
-
-    def _take_snapshot(self, backend: Backend) -> Snapshot:
+    def _take_snapshot(self, backend: backends.Backend) -> Snapshot:
         """Every rank saves its own state; if any rank cannot, every rank drops what it took."""
         if self._snapshot is not None:
             self._snapshot.discard()
             self._snapshot = None
         snapshot = backend.make_snapshot(self.snapshot_mode, self._snapshot_path(),
                                          getattr(self.train_dataloader, "sampler", None))
-        error: Exception | None = None
         try:
-            snapshot.take()
-        except Exception as err:  # noqa: BLE001 - whatever it was, every rank must hear of it
-            error = err
-        try:
-            D.raise_if_any_failed(self.ctx, error)
+            with D.agree_on_failure(self.ctx):
+                with shielded():  # a snapshot half written is no snapshot: an interrupt waits for it
+                    snapshot.take()
         except BaseException:
             snapshot.discard()  # no half-written snapshot is left on any rank
             raise
         self._snapshot = snapshot
         return snapshot
-
-    def _result(self, **kwargs: Any) -> LRFinderResult:
-        """Rank 0: the result of the sweep, with the tuned DeepSpeed config when there is one."""
-        result = build_result(world_size=self.ctx.world_size, **kwargs)
-        if self._engine is not None:
-            result.zero_stage = int(self._engine.zero_optimization_stage())
-            if result.optimal_lr is not None and result.schedule is not None:
-                result.deepspeed_config, ds_notes = tuned_config(self._ds_config, result.optimal_lr, result.schedule)
-                result.notes.extend(ds_notes)
-        logger.info(
-            "suggested lr %s (%s) | %s after %d/%d steps | %.1f s",
-            "none" if result.optimal_lr is None else f"{result.optimal_lr:.3e}", result.suggestion_method,
-            result.stop_reason, result.steps_run, result.num_steps, result.elapsed_s,
-        )
-        return result
 
     def plot(self, output_path: str | Path | None = None, log_scale: bool = True,
              show_suggestion: bool = True) -> str | None:
@@ -361,7 +307,8 @@ class LRFinder:
                 )
             logger.info("reset(): nothing to restore, find() has not run")
             return
-        self._snapshot.restore()
+        with shielded():
+            self._snapshot.restore()
 
     def _snapshot_path(self) -> Path:
         if self.snapshot_mode == "memory":
@@ -377,53 +324,16 @@ def _check_constructor_args(model: Any, loader: Any, optimizer: Any, criterion: 
     check_loader(loader)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-    if optimizer is not None and is_deepspeed_engine(model):
-        raise ValueError("optimizer=... was given with a DeepSpeed engine, which brings its own; pass optimizer=None")
-    if optimizer is None and not is_deepspeed_engine(model) and not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("model has no trainable parameters (every requires_grad is False)")
     if criterion is not None and not callable(criterion):
         raise TypeError(f"criterion must be callable (criterion(output, targets)) or None, got {criterion!r}")
     check_choice("snapshot", snapshot, SNAPSHOT_MODES)
 
 
-def _check_run_args(*, amp: str, device: torch.device, total_steps: Any) -> None:
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"amp='fp16' needs a CUDA device (it uses a GradScaler); device is {device}. "
-                         "Use amp='bf16' or amp='no' on the CPU")
-    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
-        raise ValueError(f"total_steps={total_steps!r} is not allowed; use None or an int >= 1")
-
-
-def _check_engine_args(engine: Any, *, amp: str, max_grad_norm: float | None, accumulation_steps: int) -> None:
-    # With DeepSpeed the config decides these; a different value in find() would be ignored.
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[engine_dtype(engine)]
-    if amp not in ("no", dtype):
-        raise ValueError(f"amp={amp!r} but the DeepSpeed engine runs {dtype}; set bf16/fp16 in the DeepSpeed config")
-    clipping = engine.gradient_clipping()
-    if max_grad_norm is not None and max_grad_norm != clipping:
-        raise ValueError(f"max_grad_norm={max_grad_norm!r} but the DeepSpeed config has gradient_clipping={clipping}; "
-                         "set gradient_clipping in the DeepSpeed config")
-    gas = engine.gradient_accumulation_steps()
-    if accumulation_steps not in (1, gas):
-        raise ValueError(f"accumulation_steps={accumulation_steps!r} but the DeepSpeed config has "
-                         f"gradient_accumulation_steps={gas}; set it in the DeepSpeed config")
-
-
-def wrap_for_data_parallel(model: nn.Module, ctx: D.DistContext, find_unused_parameters: bool) -> nn.Module:
-    """``model`` in DDP when the job has several ranks; a DDP or FSDP model is used as it is."""
-    if not ctx.distributed or _is_data_parallel(model):
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
-
-
-def _is_data_parallel(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    from torch.nn.parallel import DistributedDataParallel
-
-    return isinstance(model, (DistributedDataParallel, FullyShardedDataParallel, FSDPModule))
+def _check_display_args(*, progress: Any, log_every: Any) -> None:
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress={progress!r} must be True or False")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"log_every={log_every!r} is not allowed; use an int >= 1")
 
 
 def _free_name(path: Path) -> Path:
@@ -438,7 +348,8 @@ def _free_name(path: Path) -> Path:
 def find_optimal_lr(model: nn.Module, train_dataloader: Iterable[Any], **kwargs: Any) -> float:
     """Run a range test in one line and return the suggested learning rate.
 
-    Takes ``LRFinder``'s and ``find()``'s keyword arguments.
+    Takes ``LRFinder``'s and ``find()``'s keyword arguments. A process group the finder had to
+    make is ended before this returns, so the caller can make its own afterwards.
 
     Raises:
         TypeError: an unknown keyword argument.
@@ -453,8 +364,8 @@ def find_optimal_lr(model: nn.Module, train_dataloader: Iterable[Any], **kwargs:
     unknown = sorted(set(kwargs) - init_names - find_names)
     if unknown:
         raise TypeError(f"find_optimal_lr() got unknown argument(s) {unknown}; allowed: {sorted(init_names | find_names)}")
-    finder = LRFinder(model, train_dataloader, **{k: v for k, v in kwargs.items() if k in init_names})
-    result = finder.find(**{k: v for k, v in kwargs.items() if k in find_names})
+    with LRFinder(model, train_dataloader, **{k: v for k, v in kwargs.items() if k in init_names}) as finder:
+        result = finder.find(**{k: v for k, v in kwargs.items() if k in find_names})
     if result.optimal_lr is None:
         raise NoSuggestionError(result)
     return result.optimal_lr

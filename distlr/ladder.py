@@ -6,10 +6,9 @@ Pure math: no torch, no I/O. The first step runs at ``min_lr`` and the last at `
 from __future__ import annotations
 
 import math
-from typing import Literal
 
-StepMode = Literal["exp", "linear"]
-STEP_MODES: tuple[str, ...] = ("exp", "linear")
+from distlr.args import SweepArgs
+from distlr.choices import StepMode
 
 
 def lr_ladder(min_lr: float, max_lr: float, num_steps: int, step_mode: StepMode = "exp") -> list[float]:
@@ -28,18 +27,13 @@ def lr_ladder(min_lr: float, max_lr: float, num_steps: int, step_mode: StepMode 
         A list of ``num_steps`` increasing floats.
 
     Raises:
-        ValueError: for a bad argument (the caller validates first; this guards direct use).
+        ValueError / TypeError: a bad argument (checked by ``SweepArgs``, the one place these are).
 
     Example:
         >>> [f"{lr:.0e}" for lr in lr_ladder(1e-4, 1e-1, 4)]
         ['1e-04', '1e-03', '1e-02', '1e-01']
     """
-    if step_mode not in STEP_MODES:
-        raise ValueError(f"step_mode={step_mode!r} is not supported; allowed: {', '.join(STEP_MODES)}")
-    if not (0 < min_lr < max_lr) or not math.isfinite(max_lr):
-        raise ValueError(f"need 0 < min_lr < max_lr, finite; got min_lr={min_lr!r}, max_lr={max_lr!r}")
-    if num_steps < 2:
-        raise ValueError(f"num_steps={num_steps!r} is too small; allowed: an int >= 2")
+    SweepArgs(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, step_mode=step_mode)
     last = num_steps - 1
     if step_mode == "linear":
         lrs = [min_lr + (max_lr - min_lr) * i / last for i in range(num_steps)]

@@ -12,8 +12,8 @@ from typing import Any
 class LRFinderResult:
     """The outcome of ``LRFinder.find()``.
 
-    The first nine fields are the ones SPEC.md fixes; the rest say why the run ended and how
-    much to trust it. Losses are the global mean over all ranks, one per optimizer step.
+    The first nine fields are the product's fixed ones (README, "Python quick start"); the rest
+    say why the run ended and how much to trust it. Losses are the global mean over all ranks, one per optimizer step.
     ``optimal_lr`` and ``best_lr_idx`` are None when no sound suggestion exists, and then
     ``suggestion_note`` says why.
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from distlr.config import check_choice, resolve_device
-from distlr.distributed import DIST_BACKENDS, DistContext
+from distlr.choices import DEVICE_CHOICES, DIST_BACKENDS, check_choice
+from distlr.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +56,32 @@ def launch_info() -> LaunchInfo | None:
 
 @dataclass
 class Session:
-    """This process's place in the job; ``owns_group`` is True when distlr made the process group."""
+    """This process's place in the job, and the one owner of a process group distlr made.
+
+    ``owns_group`` is True when this session created the group; ``close`` then ends it. A group
+    that was already there (the user's, or another session's) is joined and never ended.
+    """
 
     ctx: DistContext
     owns_group: bool = False
     keep_group: bool = False
-    """Never destroy the group: DeepSpeed keeps references to it in module globals, and a new
-    group would break every later engine in this process."""
+    """Made for DeepSpeed: the group outlives the session, because DeepSpeed keeps it in module
+    globals and would break every later engine in this process on a new one."""
 
     def close(self) -> None:
-        """Destroy the process group if distlr created it; a user's group is left alone."""
+        """End the process group if this session created it; a joined group is left alone.
+
+        Whatever holds the group (a DDP wrapper) must be let go of first.
+        """
         if self.owns_group and not self.keep_group and dist.is_initialized():
             dist.destroy_process_group()
         self.owns_group = False
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def start_session(
@@ -125,6 +138,33 @@ def start_session(
         logger.info("process group: %s, %d rank(s), timeout %.0f s", backend, info.world_size, dist_timeout)
     return Session(DistContext(info.rank, info.local_rank, info.world_size, dev), owns_group=True,
                    keep_group=for_deepspeed)
+
+
+def resolve_device(device: object, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> this rank's CUDA device when CUDA is available, else the CPU.
+
+    Raises:
+        ValueError: an unknown device string, or a CUDA device when CUDA is not available.
+    """
+    if isinstance(device, torch.device):
+        resolved = device
+    elif isinstance(device, str):
+        if device == "auto":
+            return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        try:
+            resolved = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device={device!r} is not supported; allowed: {', '.join(DEVICE_CHOICES)}") from None
+        if resolved.type not in ("cpu", "cuda"):
+            raise ValueError(f"device={device!r} is not supported; allowed: {', '.join(DEVICE_CHOICES)}")
+    else:
+        raise TypeError(f"device={device!r} must be a string ({', '.join(DEVICE_CHOICES)}) or a torch.device")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available on this machine; use 'auto' or 'cpu'")
+        if resolved.index is None:
+            resolved = torch.device("cuda", local_rank)
+    return resolved
 
 
 def _free_port() -> int:

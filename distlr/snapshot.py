@@ -22,15 +22,11 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
-
-
-SnapshotMode = Literal["memory", "disk"]
-SNAPSHOT_MODES: tuple[str, ...] = ("memory", "disk")
 
 
 class Snapshot(Protocol):
@@ -38,6 +34,7 @@ class Snapshot(Protocol):
 
     def take(self) -> None: ...
     def restore(self) -> None: ...
+
     def discard(self) -> None: ...
 
 
@@ -231,10 +228,6 @@ class TrainingSnapshot:
         self.model, self.optimizer, self.store = model, optimizer, store
         self.lr_scheduler, self.grad_scaler, self.sampler = lr_scheduler, grad_scaler, sampler
         self._saved: dict[str, Any] | None = None
-
-    @property
-    def taken(self) -> bool:
-        return self._saved is not None
 
     def _live(self) -> tuple[dict[str, torch.Tensor], Any]:
         """This rank's tensors now, by key, and the optimizer state with tensors as TensorSpecs."""

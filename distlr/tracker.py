@@ -6,8 +6,20 @@ whether the sweep must stop.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
+
+
+class StopReason(str, enum.Enum):
+    """Why a sweep ended. A ``str``, so results compare and serialise as the plain words."""
+
+    COMPLETED = "completed"
+    """Every step of the ladder ran."""
+    DIVERGED = "diverged"
+    """The smoothed loss rose past ``divergence_threshold`` x its best."""
+    NON_FINITE = "non_finite"
+    """A loss was NaN or inf on some rank."""
 
 
 @dataclass
@@ -48,11 +60,3 @@ class LossTracker:
             self.best = smoothed
             return False
         return smoothed - self.best > (self.divergence_threshold - 1.0) * abs(self.best)
-
-
-def smooth(losses: list[float], smooth_factor: float) -> list[float]:
-    """Bias-corrected EMA of a whole curve (the same numbers ``LossTracker`` reports)."""
-    tracker = LossTracker(smooth_factor=smooth_factor, divergence_threshold=math.inf)
-    for loss in losses:
-        tracker.update(loss)
-    return tracker.smoothed

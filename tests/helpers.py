@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 REPO = Path(__file__).resolve().parent.parent
+WORKER = REPO / "tests" / "worker.py"
+RANK = int(os.environ.get("RANK", 0))
 
 
 class RegressionNet(nn.Module):
@@ -52,7 +58,9 @@ def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
                 fp[f"opt/{pid}/{key}"] = value.clone() if isinstance(value, torch.Tensor) else value
         fp["opt/groups"] = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
     fp["rng/torch"] = torch.get_rng_state().clone()
-    fp["rng/numpy"] = np.random.get_state()[1].copy()
+    # NumPy's whole state: the key, the position in it and the cached Gaussian, not the key alone.
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    fp["rng/numpy"] = (kind, key.copy(), pos, has_gauss, cached)
     fp["rng/python"] = random.getstate()
     return fp
 
@@ -66,6 +74,8 @@ def assert_same_bits(before: dict, after: dict) -> None:
             assert torch.equal(_bits(a), _bits(b)), key
         elif isinstance(a, np.ndarray):
             assert np.array_equal(a, b), key
+        elif key == "rng/numpy":
+            assert a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2:] == b[2:], key
         else:
             assert a == b, key
 
@@ -91,8 +101,8 @@ def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
         h.update(key.encode())
         if isinstance(value, torch.Tensor):
             h.update(_bits(value).numpy().tobytes())
-        elif isinstance(value, np.ndarray):
-            h.update(value.tobytes())
+        elif key == "rng/numpy":
+            h.update(repr((value[0], value[2], value[3], value[4])).encode() + value[1].tobytes())
         else:
             h.update(repr(value).encode())
     return h.hexdigest()
@@ -169,6 +179,130 @@ def engine_digest(engine) -> str:
     walk(engine.optimizer.state_dict())
     h.update(repr((engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps)).encode())
     h.update(_bits(torch.get_rng_state()).numpy().tobytes())
-    h.update(np.random.get_state()[1].tobytes())
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    h.update(key.tobytes() + repr((kind, pos, has_gauss, cached)).encode())
     h.update(repr(random.getstate()).encode())
     return h.hexdigest()
+
+
+# -- multi-process scenarios ---------------------------------------------------------------------
+#
+# A test module that needs a torchrun job defines its scenarios itself, registers them with
+# ``scenarios = Scenarios()`` and ``@scenarios``, and starts them with ``launch``: torchrun runs
+# tests/worker.py, which imports that module and calls the scenarios by name, on every rank.
+
+
+class Scenarios:
+    """A test module's multi-process scenarios, by name (the functions themselves, no lookup
+    through globals). A scenario takes the output directory and string arguments, and returns
+    a JSON-able record of what its rank saw."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, Callable[..., Any]] = {}
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self.by_name[fn.__name__] = fn
+        return fn
+
+
+def launch(module: str, out: Path, specs: list[str], *, nproc: int = 2, timeout: float = 240.0,
+           group: bool = True, env: dict[str, str] | None = None) -> Launch:
+    """Run ``module``'s scenarios ``specs`` (``"name"`` or ``"name:arg:arg"``) under torchrun.
+
+    ``group``: the worker makes the job's process group first, as a training script does, and
+    every finder joins it. ``group=False`` leaves that to distlr (one finder per such launch:
+    a gloo group made and ended twice in one process may meet stale addresses).
+    """
+    return torchrun([str(WORKER), *([] if group else ["--no-group"]), module, str(out), *specs], nproc=nproc,
+                    timeout=timeout, env=env)
+
+
+def read_ranks(out: Path, spec: str, world: int = 2) -> list[dict]:
+    """What each rank recorded for scenario ``spec``, in rank order."""
+    name = spec.replace(":", "-")
+    return [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in range(world)]
+
+
+# -- models, data and settings the scenarios share --------------------------------------------------
+
+EQUIV = dict(min_lr=1e-3, max_lr=50.0, num_steps=40, smooth_factor=0.5, divergence_threshold=4.0)
+"""A sweep that diverges partway: the same curve from one process and from N ranks."""
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+
+
+def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(out.squeeze(-1), y)
+
+
+def equivalence_run(batch_size: int) -> dict:
+    """The same model, data and sweep; with N ranks each reads batch_size of the N * batch_size."""
+    from distlr import LRFinder
+
+    model = mlp()
+    loader = DataLoader(regression_data(n=1536), batch_size=batch_size, shuffle=False)
+    with LRFinder(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), mse, device="cpu") as finder:
+        return finder.find(**EQUIV).to_dict()
+
+
+def ds_config(stage: int, *, bf16: bool = False, optimizer: dict | None = None, **extra: Any) -> dict:
+    """A small DeepSpeed config; ZeRO-3 really partitions even small parameters."""
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+              "bf16": {"enabled": bf16}, "steps_per_print": 10**9,
+              "optimizer": optimizer or {"type": "SGD", "params": {"lr": 0.1}}}
+    config.update(extra)
+    return config
+
+
+class Boom(Exception):
+    """The exception the fault injection raises."""
+
+
+class Faulty(nn.Module):
+    """Passes through to ``inner``; at forward call ``at``, on ``rank`` (None: every rank), it
+    raises (``"raise"``: RuntimeError, ``"boom"``: Boom, ``"interrupt"``: KeyboardInterrupt),
+    returns NaN (``"nan"``), kills its own process (``"sigkill"``), hangs (``"stall"``), or has
+    torchrun send SIGTERM to every rank (``"sigterm_launcher"``)."""
+
+    def __init__(self, inner: nn.Module, *, rank: int | None, at: int, mode: str, message: str = "") -> None:
+        super().__init__()
+        self.inner, self.rank, self.at, self.mode, self.message, self.calls = inner, rank, at, mode, message, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.inner(x)
+        if (self.rank is None or RANK == self.rank) and self.calls == self.at:
+            if self.mode == "raise":
+                raise RuntimeError(self.message or f"injected failure on rank {RANK} at forward call {self.calls}")
+            if self.mode == "boom":
+                raise Boom(f"injected failure at forward call {self.calls}")
+            if self.mode == "interrupt":
+                raise KeyboardInterrupt
+            if self.mode == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.mode == "sigterm_launcher":
+                # As when a rank fails or the job is cancelled: the launcher gets SIGTERM and
+                # passes it on to every rank. Every rank waits here for it.
+                if RANK == 1:
+                    os.kill(os.getppid(), signal.SIGTERM)
+                time.sleep(30)
+            if self.mode == "stall":
+                time.sleep(600)
+            return out * math.nan
+        return out
+
+
+def deepspeed_engine(model: nn.Module, config: dict, optimizer: torch.optim.Optimizer | None = None) -> Any:
+    """A user's own DeepSpeed engine, as a CPU user builds one (without the shared-memory comm
+    op, which DeepSpeed would JIT-compile for over a minute first)."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    params = None if optimizer is not None else [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
+                                      config={**config, "zero_allow_untested_optimizer": True})
+    return engine

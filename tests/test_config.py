@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from distlr.cli import parse_cli
-from distlr.config import RunConfig
 
 
 def write(tmp_path, text):
@@ -14,22 +13,12 @@ def write(tmp_path, text):
     return str(path)
 
 
-def test_defaults_match_the_find_signature():
-    import inspect
-
-    from distlr import LRFinder
-
-    defaults = {k: p.default for k, p in inspect.signature(LRFinder.find).parameters.items() if k != "self"}
-    for key, value in RunConfig().find_kwargs().items():
-        assert defaults[key] == value, key
-
-
 def test_yaml_values_are_coerced_and_flags_win(tmp_path):
     # PyYAML reads 1e-6 (no dot) as a string: it must still become a float.
     path = write(tmp_path, "min_lr: 1e-6\nmax_lr: 0.5\nnum_steps: 20\nsmooth_factor: 0\noverwrite: true\n")
     cfg = parse_cli(["--config", path, "--num-steps", "30", "--max_lr", "2"])
-    assert cfg.min_lr == 1e-6 and cfg.max_lr == 2.0 and cfg.num_steps == 30
-    assert cfg.smooth_factor == 0.0 and cfg.overwrite is True
+    assert cfg.sweep.min_lr == 1e-6 and cfg.sweep.max_lr == 2.0 and cfg.sweep.num_steps == 30
+    assert cfg.sweep.smooth_factor == 0.0 and cfg.overwrite is True
 
 
 def test_unknown_yaml_key_names_the_closest_valid_key(tmp_path):

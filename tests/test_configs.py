@@ -18,4 +18,4 @@ def test_shipped_config_is_valid_and_says_how_to_run_it(path):
     text = path.read_text()
     assert text.startswith("#") and "distlr" in text.split("\n\n")[0]  # a comment header with the command
     cfg = parse_cli(["--config", str(path)])
-    assert cfg.num_steps >= 2
+    assert cfg.sweep.num_steps >= 2

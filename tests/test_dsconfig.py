@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from distlr.dsconfig import (TOP_LEVEL_KEYS, auto_values, load_ds_config, resolve_auto, sweep_config,
+from distlr.backends.dsconfig import (TOP_LEVEL_KEYS, auto_values, load_ds_config, resolve_auto, sweep_config,
                              total_steps_from, tuned_config, unknown_keys)
 from distlr.schedule import recommend_schedule
 
@@ -57,7 +57,7 @@ def test_misspelled_keys_are_named_with_the_closest_valid_key():
 
 def test_every_key_of_the_shipped_deepspeed_configs_is_known():
     pytest.importorskip("deepspeed")
-    from distlr.ds_backend import zero_config_keys
+    from distlr.backends.zero import zero_config_keys
     from helpers import REPO
 
     paths = sorted((REPO / "configs").glob("*.json"))
@@ -116,7 +116,7 @@ def test_bad_config_files_are_named(tmp_path):
 
 def test_config_optimizer_blocks_map_to_the_same_torch_optimizer():
     pytest.importorskip("deepspeed")
-    from distlr.ds_backend import torch_optimizer_from_block
+    from distlr.backends.zero import torch_optimizer_from_block
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     adam = torch_optimizer_from_block({"type": "Adam", "params": {"lr": 1e-3, "betas": [0.8, 0.9]}}, params)

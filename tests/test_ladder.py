@@ -27,7 +27,7 @@ def test_exponential_ladder_is_even_in_log10():
 
 @pytest.mark.parametrize(
     "args, match",
-    [((0.0, 1.0, 10), "min_lr"), ((1.0, 0.5, 10), "min_lr < max_lr"), ((1e-3, 1.0, 1), "num_steps"),
+    [((0.0, 1.0, 10), "min_lr"), ((1.0, 0.5, 10), "greater than min_lr"), ((1e-3, 1.0, 1), "num_steps"),
      ((1e-3, math.inf, 10), "finite")],
 )
 def test_bad_ladder_arguments_raise(args, match):

@@ -67,9 +67,11 @@ def test_a_loss_that_explodes_at_once_says_it_diverged_too_early():
 def test_frozen_parameters_and_batchnorm_buffers_run_normally():
     model = RegressionNet()
     model.body[0].requires_grad_(False)
+    before = model.body[0].weight.detach().clone()
     result = run(model, max_lr=10.0, num_steps=60, smooth_factor=0.7)
     assert result.steps_run >= 10 and all(math.isfinite(x) for x in result.losses[:-1])
-    assert result.optimal_lr is not None or result.suggestion_note
+    assert (result.optimal_lr is None) == (result.suggestion_note is not None)
+    assert torch.equal(model.body[0].weight, before) and not model.body[0].weight.requires_grad
 
 
 def digest_tree(root: Path) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-1/2/3: building the engine from the user's config, one step, snapshot.
+"""DeepSpeed ZeRO-1/2/3: the engine (the user's, or built once from the user's config with the
+sweep's arguments), one step, the snapshot.
 
 The LR is set through the engine's optimizer param groups (effective at every stage), one
 step is DeepSpeed's own forward / ``engine.backward`` / ``engine.step`` over the micro-batches
@@ -14,12 +15,13 @@ engine's own ``save_checkpoint`` / ``load_checkpoint``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,14 @@ import torch.distributed as dist
 from torch import nn
 
 from distlr import distributed as D
-from distlr.backend import ITEMS, LOSS_SUM, NUM_STATS, SKIPPED, group_lr_ratios
-from distlr.batch import (Criterion, cast_floating_inputs, check_batch_fits, compute_loss, count_items, count_samples,
-                          prepare_batch)
-from distlr.dsconfig import auto_values, load_ds_config, sweep_config, unknown_keys
-from distlr.snapshot import HostStore, RNGState, SnapshotMode, check_free_space, join_tensors, split_tensors
+from distlr.args import SweepArgs
+from distlr.backends.base import BackendSpec, LrRamp, StepStats
+from distlr.backends.dsconfig import auto_values, sweep_config, total_steps_from, tuned_config, unknown_keys
+from distlr.batch import (cast_floating_inputs, check_batch_fits, compute_loss, count_items, count_samples,
+                          is_causal_lm, prepare_batch)
+from distlr.choices import SnapshotMode
+from distlr.result import LRFinderResult
+from distlr.snapshot import HostStore, RNGState, check_free_space, join_tensors, split_tensors
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_TAG = "distlr-snapshot"
@@ -92,7 +97,7 @@ def torch_optimizer_from_block(block: dict[str, Any], params: list[nn.Parameter]
 
 def build_engine(
     model: nn.Module,
-    config: Any,
+    config: dict[str, Any],
     *,
     optimizer: torch.optim.Optimizer | None,
     ctx: D.DistContext,
@@ -102,17 +107,17 @@ def build_engine(
     amp: str = "no",
     weight_decay: float = 0.01,
 ) -> tuple[Any, dict[str, Any], list[str]]:
-    """``deepspeed.initialize`` on the user's config, prepared for the sweep.
+    """``deepspeed.initialize`` on the user's config (as read), prepared for the sweep.
 
     Returns:
-        ``(engine, the user's config as read, notes for the user)``.
+        ``(engine, the user's config, notes for the user)``.
 
     Raises:
         ValueError: a config problem (an unresolvable "auto", a bad file), naming it.
         ImportError: DeepSpeed is not installed.
     """
     deepspeed = import_deepspeed()
-    user = load_ds_config(config)
+    user = copy.deepcopy(config)
     for message in unknown_keys(user, zero_config_keys()):
         if ctx.is_main:
             logger.warning("%s; DeepSpeed ignores it", message)
@@ -136,15 +141,38 @@ def build_engine(
         cfg.setdefault("zero_allow_untested_optimizer", True)
         if _offloads_optimizer(cfg):
             cfg.setdefault("zero_force_ds_cpu_optimizer", False)
-    if ctx.device.type == "cpu":
-        # The shared-memory comm op is a CPU-only speed-up that JIT-compiles for over a minute;
-        # gloo runs the same collectives.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    # deepspeed.initialize asserts that a launcher set LOCAL_RANK; a plain process has none.
-    os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      model_parameters=None if optimizer is not None else trainable, config=cfg)
+    with _initialize_environment(deepspeed, ctx):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                          model_parameters=None if optimizer is not None else trainable, config=cfg)
     return engine, user, notes
+
+
+@contextlib.contextmanager
+def _initialize_environment(deepspeed: Any, ctx: D.DistContext) -> Iterator[None]:
+    """What ``deepspeed.initialize`` needs from the process, set for the call and put back after:
+    the process keeps no trace of having built an engine.
+
+    - ``LOCAL_RANK``: deepspeed.initialize asserts that a launcher set it; a plain process has none.
+    - On the CPU, no shared-memory comm op: a CPU-only speed-up that JIT-compiles for over a
+      minute when the engine sets up its communication; gloo runs the same collectives.
+    """
+    env_before = os.environ.get("LOCAL_RANK")
+    ops = deepspeed.ops.__compatible_ops__
+    missing = object()
+    op_before = ops.get("deepspeed_shm_comm", missing)
+    if env_before is None:
+        os.environ["LOCAL_RANK"] = str(ctx.local_rank)
+    if ctx.device.type == "cpu":
+        ops["deepspeed_shm_comm"] = False
+    try:
+        yield
+    finally:
+        if env_before is None:
+            os.environ.pop("LOCAL_RANK", None)
+        if op_before is missing:
+            ops.pop("deepspeed_shm_comm", None)
+        else:
+            ops["deepspeed_shm_comm"] = op_before
 
 
 def _offloads_optimizer(cfg: dict[str, Any]) -> bool:
@@ -160,41 +188,79 @@ def engine_dtype(engine: Any) -> torch.dtype:
     return torch.float32
 
 
+def check_args(model: Any, optimizer: torch.optim.Optimizer | None) -> None:
+    """Constructor arguments this backend cannot run with.
+
+    Raises:
+        ValueError: an optimizer beside an engine (which brings its own); nothing to train.
+    """
+    if is_deepspeed_engine(model):
+        if optimizer is not None:
+            raise ValueError("optimizer=... was given with a DeepSpeed engine, which brings its own; pass optimizer=None")
+    elif optimizer is None and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters (every requires_grad is False)")
+
+
 class DeepSpeedBackend:
     """One sweep step on a DeepSpeed engine (any ZeRO stage).
 
-    Args:
-        engine: the ``DeepSpeedEngine``.
-        criterion: ``criterion(output, targets)``, or None when the model returns its loss.
-        device: where batches go.
-        causal_lm: the model is a Hugging Face causal LM (labels can be made from input_ids).
-        ctx: this rank's place in the job.
+    The user's engine is used as it is. A model with a config gets its engine here, on the
+    first ``find()``: the config's "auto" values are resolved from that sweep's arguments
+    (micro-batch size from the loader, accumulation, clipping, precision), as the Hugging
+    Face integration resolves them from ``TrainingArguments``.
     """
 
-    def __init__(self, engine: Any, *, criterion: Criterion | None, device: torch.device, causal_lm: bool,
-                 ctx: D.DistContext) -> None:
-        self.engine, self.criterion, self.device, self.causal_lm, self.ctx = engine, criterion, device, causal_lm, ctx
-        self.dtype = engine_dtype(engine)
-        self._ratios = group_lr_ratios(engine.optimizer)
-        self._stats = torch.zeros(NUM_STATS, dtype=torch.float64, device=device)
+    def __init__(self, spec: BackendSpec, args: SweepArgs) -> None:
+        self.ctx, self.criterion, self.device = spec.ctx, spec.criterion, spec.ctx.device
+        if is_deepspeed_engine(spec.model):
+            self.engine = spec.model
+            self.user_config = spec.deepspeed_config if spec.deepspeed_config is not None else dict(spec.model.config)
+            self.notes: list[str] = []
+        else:
+            self.engine, self.user_config, self.notes = build_engine(
+                spec.model, spec.deepspeed_config, optimizer=spec.optimizer, ctx=spec.ctx,
+                micro_batch_size=spec.micro_batch_hint, accumulation_steps=args.accumulation_steps,
+                max_grad_norm=args.max_grad_norm, amp=args.amp)
+        if self.engine.lr_scheduler is not None or "scheduler" in self.user_config:
+            self.notes.append("the DeepSpeed scheduler was set aside for the sweep (the sweep sets the LR); "
+                              "the tuned config carries a new one")
+        self.total_steps_hint = total_steps_from(self.user_config)
+        self.causal_lm = is_causal_lm(self.engine.module)
+        self.dtype = engine_dtype(self.engine)
+        self._ramp = LrRamp(self.engine.optimizer)
+        self._stats = StepStats(self.device)
         self.micro_batch_size: int | None = None
 
     @property
     def accumulation_steps(self) -> int:
         return int(self.engine.gradient_accumulation_steps())
 
-    def set_lr(self, lr: float) -> None:
-        for group, ratio in zip(self.engine.optimizer.param_groups, self._ratios):
-            group["lr"] = lr * ratio
+    def configure(self, args: SweepArgs) -> None:
+        """With DeepSpeed the config decides precision, clipping and accumulation; a different
+        value in ``find()`` would be ignored, so it is refused."""
+        engine = self.engine
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[self.dtype]
+        if args.amp not in ("no", dtype):
+            raise ValueError(f"amp={args.amp!r} but the DeepSpeed engine runs {dtype}; "
+                             "set bf16/fp16 in the DeepSpeed config")
+        clipping = engine.gradient_clipping()
+        if args.max_grad_norm is not None and args.max_grad_norm != clipping:
+            raise ValueError(f"max_grad_norm={args.max_grad_norm!r} but the DeepSpeed config has "
+                             f"gradient_clipping={clipping}; set gradient_clipping in the DeepSpeed config")
+        gas = engine.gradient_accumulation_steps()
+        if args.accumulation_steps not in (1, gas):
+            raise ValueError(f"accumulation_steps={args.accumulation_steps!r} but the DeepSpeed config has "
+                             f"gradient_accumulation_steps={gas}; set it in the DeepSpeed config")
 
-    def train_step(self, micro_batches: Sequence[Any]) -> torch.Tensor:
+    def set_lr(self, lr: float) -> None:
+        self._ramp(lr)
+
+    def train_step(self, micro_batches: Sequence[Any], step: int) -> torch.Tensor:
         """DeepSpeed's forward, backward and step over one optimizer step's micro-batches."""
         engine = self.engine
         if not engine.training:
             engine.train()
         skipped_before = engine.skipped_steps
-        loss_sum: torch.Tensor | None = None
-        items_sum: int | torch.Tensor = 0
         for raw in micro_batches:
             batch = prepare_batch(raw, self.device, causal_lm=self.causal_lm, has_criterion=self.criterion is not None)
             batch = cast_floating_inputs(batch, self.dtype, has_criterion=self.criterion is not None)
@@ -203,20 +269,25 @@ class DeepSpeedBackend:
                 check_batch_fits(engine.module, batch, self.criterion)
                 self.micro_batch_size = count_samples(batch)
             loss = compute_loss(engine, batch, self.criterion)
-            engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
-            engine.step()          # applies the update only at the accumulation boundary
-            weighted = loss.detach().float() * items
-            loss_sum = weighted if loss_sum is None else loss_sum + weighted
-            items_sum = items_sum + items
-        stats = self._stats
-        stats[LOSS_SUM].copy_(loss_sum)
-        stats[ITEMS] = items_sum
+            with D.communication(self.ctx, "backward pass (with ZeRO's gradient reduction)", step):
+                engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+                engine.step()          # applies the update only at the accumulation boundary
+            self._stats.add(loss, items)
         # fp16: DeepSpeed's loss scaler skips a step that overflowed; it is no point on the curve.
-        stats[SKIPPED] = float(engine.skipped_steps > skipped_before)
-        return stats
+        return self._stats.finish(skipped=engine.skipped_steps > skipped_before)
 
     def make_snapshot(self, mode: SnapshotMode, directory: Path, sampler: Any | None) -> DeepSpeedSnapshot:
         return DeepSpeedSnapshot(self.engine, mode, directory, self.ctx, sampler=sampler)
+
+    def add_to_result(self, result: LRFinderResult) -> None:
+        """The ZeRO stage, and the user's config tuned with the suggestion and a schedule."""
+        result.zero_stage = int(self.engine.zero_optimization_stage())
+        if result.optimal_lr is not None and result.schedule is not None:
+            result.deepspeed_config, notes = tuned_config(self.user_config, result.optimal_lr, result.schedule)
+            result.notes.extend(notes)
+
+    def release(self) -> None:
+        return None  # the engine is the user's, or lives as long as the finder
 
 
 class DeepSpeedSnapshot:
@@ -262,12 +333,8 @@ class DeepSpeedSnapshot:
             self.store.put(tensors)
         else:
             # save_checkpoint is a collective: a rank short of space must stop every rank before it.
-            error = None
-            try:
+            with D.agree_on_failure(self.ctx):
                 self._check_space()
-            except OSError as err:
-                error = err
-            D.raise_if_any_failed(self.ctx, error)
             engine.save_checkpoint(str(self.directory), tag=CHECKPOINT_TAG, save_latest=False)
         saved["rng"] = RNGState.capture()
         engine.lr_scheduler = None
@@ -314,13 +381,18 @@ class DeepSpeedSnapshot:
     def discard(self) -> None:
         """Drop the snapshot; a disk one is removed once every rank is done reading it.
 
-        Collective for ``snapshot="disk"``: every rank must call this, in the same order.
+        Collective for ``snapshot="disk"``: every rank must call this, in the same order. When
+        the barrier fails (another rank died), no one reads the snapshot any more: rank 0
+        removes it, and every other rank its own files in case rank 0 is the one gone.
         """
         self.store.clear()
         # Every rank reaches the barrier, also one whose take() failed (see LRFinder._take_snapshot).
         if self.mode == "disk":
-            if self.ctx.distributed:
-                dist.barrier()
+            try:
+                D.barrier(self.ctx, "wait for every rank to finish reading the DeepSpeed snapshot")
+            except D.CollectiveError:
+                for path in self.directory.rglob(f"zero_pp_rank_{self.ctx.rank}_*"):
+                    path.unlink(missing_ok=True)
             if self.ctx.is_main:
                 shutil.rmtree(self.directory, ignore_errors=True)
         self._saved = None

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from distlr.config import closest
+from distlr.choices import closest
 
 logger = logging.getLogger(__name__)
 

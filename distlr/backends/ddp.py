@@ -1,0 +1,179 @@
+"""A plain PyTorch model with a torch optimizer, in one process or data-parallel under DDP.
+
+Under a launcher with several ranks the model is wrapped in ``DistributedDataParallel``
+(unless it already is DDP or FSDP), so gradients are averaged in ``backward``; the user's
+module, not the wrapper, is what the snapshot keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distlr import distributed as D
+from distlr.args import SweepArgs
+from distlr.backends.base import SKIPPED, BackendSpec, LrRamp, StepStats
+from distlr.batch import check_batch_fits, compute_loss, count_items, count_samples, is_causal_lm, prepare_batch
+from distlr.choices import SnapshotMode
+from distlr.result import LRFinderResult
+from distlr.snapshot import DiskStore, HostStore, Snapshot, TrainingSnapshot
+
+_NULL = contextlib.nullcontext()  # stateless and reentrant: one serves every step
+
+
+def check_args(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Constructor arguments this backend cannot run with.
+
+    Raises:
+        ValueError: no optimizer and no trainable parameter to build one over.
+    """
+    if optimizer is None and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters (every requires_grad is False)")
+
+
+class TorchBackend:
+    """One sweep step on a plain or DDP-wrapped model.
+
+    Args:
+        spec: what ``LRFinder`` was given; a missing optimizer becomes AdamW over the
+            trainable parameters.
+    """
+
+    total_steps_hint: int | None = None
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.ctx, self.criterion = spec.ctx, spec.criterion
+        self.device = spec.ctx.device
+        self.module = spec.model
+        self.optimizer = spec.optimizer or torch.optim.AdamW([p for p in spec.model.parameters() if p.requires_grad])
+        self.lr_scheduler, self.user_grad_scaler = spec.lr_scheduler, spec.grad_scaler
+        # Under DDP every rank trains through the wrapper, which also makes rank 0's weights
+        # everyone's (as DDP always does).
+        self.model = wrap_for_data_parallel(spec.model, spec.ctx, spec.find_unused_parameters)
+        self._data_parallel = spec.ctx.distributed and is_data_parallel(self.model)
+        self.causal_lm = is_causal_lm(spec.model)
+        self._ramp = LrRamp(self.optimizer)
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._stats = StepStats(self.device)
+        self.notes: list[str] = []
+        self.micro_batch_size: int | None = None
+        self.accumulation_steps = 1
+        self.amp, self.max_grad_norm, self.grad_scaler = "no", None, None
+
+    def configure(self, args: SweepArgs) -> None:
+        if args.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"amp='fp16' needs a CUDA device (it uses a GradScaler); device is {self.device}. "
+                             "Use amp='bf16' or amp='no' on the CPU")
+        self.amp, self.max_grad_norm, self.accumulation_steps = args.amp, args.max_grad_norm, args.accumulation_steps
+        if args.amp == "fp16":
+            self.grad_scaler = self.user_grad_scaler or torch.amp.GradScaler(self.device.type)
+        else:
+            self.grad_scaler = None
+
+    def set_lr(self, lr: float) -> None:
+        self._ramp(lr)
+
+    def train_step(self, micro_batches: Sequence[Any], step: int) -> torch.Tensor:
+        """Forward, backward and one optimizer step over ``micro_batches``."""
+        if not self.model.training:
+            self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(micro_batches)
+        for i, raw in enumerate(micro_batches):
+            batch = prepare_batch(raw, self.device, causal_lm=self.causal_lm, has_criterion=self.criterion is not None)
+            items = count_items(batch, causal_lm=self.causal_lm)
+            if self.micro_batch_size is None:  # the first batch: checked once, not every step
+                check_batch_fits(self.module, batch, self.criterion)
+                self.micro_batch_size = count_samples(batch)
+            # DDP would all-reduce gradients after every micro-batch; only the last one needs it.
+            defer_sync = i < n - 1 and hasattr(self.model, "no_sync")
+            with self.model.no_sync() if defer_sync else _NULL:
+                with self._autocast():
+                    loss = compute_loss(self.model, batch, self.criterion)
+                # The gradient is the mean over micro-batches, as one big batch would give.
+                scaled = loss if n == 1 else loss / n
+                if self.grad_scaler is not None:
+                    scaled = self.grad_scaler.scale(scaled)
+                with self._backward_sync(step):
+                    scaled.backward()
+            self._stats.add(loss, items)
+        stats = self._stats.finish()
+        self._optimizer_step(stats)
+        return stats
+
+    def _backward_sync(self, step: int) -> contextlib.AbstractContextManager:
+        # A data-parallel model all-reduces its gradients in backward: a failure there is a
+        # failed communication. The forward stays outside, so the model's own errors keep theirs.
+        if not self._data_parallel:
+            return _NULL
+        return D.communication(self.ctx, "backward pass (with DDP's gradient all-reduce)", step)
+
+    def _optimizer_step(self, stats: torch.Tensor) -> None:
+        scaler = self.grad_scaler
+        if scaler is None:
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
+            self.optimizer.step()
+            return
+        scaler.unscale_(self.optimizer)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
+        before = scaler.get_scale()
+        scaler.step(self.optimizer)
+        scaler.update()
+        # GradScaler skips the step and lowers the scale on an overflow: that step is no point
+        # on the curve, and the ladder must not advance.
+        stats[SKIPPED] = float(scaler.get_scale() < before)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp == "no":
+            return _NULL
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def make_snapshot(self, mode: SnapshotMode, directory: Path, sampler: Any | None) -> Snapshot:
+        """This rank's state in host memory, or in a DCP directory of its own beside ``directory``."""
+        store = HostStore() if mode == "memory" else DiskStore(directory.with_name(f"{directory.name}-rank{self.ctx.rank}"))
+        return TrainingSnapshot(self.module, self.optimizer, store, lr_scheduler=self.lr_scheduler,
+                                grad_scaler=self.user_grad_scaler, sampler=sampler)
+
+    def add_to_result(self, result: LRFinderResult) -> None:
+        return None
+
+    def release(self) -> None:
+        if self.model is not self.module:
+            # Free the DDP wrapper before its process group: a group freed from inside the
+            # wrapper's deallocation joins its worker threads while holding the GIL and deadlocks.
+            self.model = self.module
+            gc.collect()
+
+
+def wrap_for_data_parallel(model: nn.Module, ctx: D.DistContext, find_unused_parameters: bool) -> nn.Module:
+    """``model`` in DDP when the job has several ranks; a DDP or FSDP model is used as it is."""
+    if not ctx.distributed or is_data_parallel(model):
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+
+def is_data_parallel(model: nn.Module) -> bool:
+    """A DDP or FSDP (1 or 2) model: it averages its own gradients over the ranks."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    kinds: tuple[type, ...] = (DistributedDataParallel, FullyShardedDataParallel)
+    try:  # FSDP2's module class is public from torch 2.6 on
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        pass
+    else:
+        kinds += (FSDPModule,)
+    return isinstance(model, kinds)

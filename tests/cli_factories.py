@@ -1,0 +1,48 @@
+"""Factories the command line loads by name (``--model cli_factories:...``) in the tests."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from helpers import mlp, regression_data
+
+
+class StallingRegression(nn.Module):
+    """An MLP that returns its own MSE loss, and hangs on rank 1 at its third forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.calls = mlp(), 0
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if int(os.environ.get("RANK", 0)) == 1 and self.calls == 3:
+            time.sleep(600)
+        return nn.functional.mse_loss(self.inner(x).squeeze(-1), y)
+
+
+def stalling_regression() -> nn.Module:
+    return StallingRegression()
+
+
+def regression_set() -> Dataset:
+    return regression_data(n=1536)
+
+
+class CrashingRegression(StallingRegression):
+    """An MLP with a bug: its third forward on rank 1 divides by zero."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if int(os.environ.get("RANK", 0)) == 1 and self.calls == 3:
+            raise ZeroDivisionError("a bug in the model")
+        return nn.functional.mse_loss(self.inner(x).squeeze(-1), y)
+
+
+def crashing_regression() -> nn.Module:
+    return CrashingRegression()

@@ -87,12 +87,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ddp", type=int, default=0, help="ranks for the DDP run (launches torchrun)")
     parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names (default: all)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.getLogger("distlr").setLevel(logging.ERROR)  # the per-rank batch lists are sharded by hand
     if args.ddp and not args.worker:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ddp}",
-               __file__, "--worker", "--ddp", str(args.ddp), "--repeats", str(args.repeats)]
+               __file__, "--worker", "--ddp", str(args.ddp), "--repeats", str(args.repeats), "--cases", args.cases]
         sys.exit(subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.ddp))}))
     if args.worker:
         dist.init_process_group("gloo")
@@ -100,7 +101,11 @@ def main() -> None:
         # One thread: on a 2-core VM, OpenMP's spinning second thread makes run-to-run noise
         # larger than the effect being measured.
         torch.set_num_threads(1)
-    rows = [measure(name, args.repeats, bool(args.ddp)) for name in CASES]
+    names = [name.strip() for name in args.cases.split(",")]
+    unknown = [name for name in names if name not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
+    rows = [measure(name, args.repeats, bool(args.ddp)) for name in names]
     if not args.worker or dist.get_rank() == 0:
         print(f"# step overhead, {'DDP %d ranks (gloo)' % args.ddp if args.ddp else 'one process'}, "
               f"{STEPS} steps, {args.repeats} back-to-back pairs (order alternating)\n# {machine()}")

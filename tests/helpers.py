@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -306,3 +307,31 @@ def deepspeed_engine(model: nn.Module, config: dict, optimizer: torch.optim.Opti
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
                                       config={**config, "zero_allow_untested_optimizer": True})
     return engine
+
+
+@contextlib.contextmanager
+def disk_looks_full_on(rank: int):
+    """On ``rank``, the disk looks full to distlr's free-space check (filling a real disk is not
+    practical here); the other ranks see the real one."""
+    import shutil
+    from collections import namedtuple
+
+    real = shutil.disk_usage
+    if RANK == rank:
+        shutil.disk_usage = lambda path: namedtuple("usage", "total used free")(1 << 30, 1 << 30, 1 << 10)
+    try:
+        yield
+    finally:
+        shutil.disk_usage = real
+
+
+def errors_of(cases: dict[str, Callable[[], Any]]) -> dict[str, str | None]:
+    """Run each case; record ``"Type: message"`` of what it raised, or None."""
+    record: dict[str, str | None] = {}
+    for name, case in cases.items():
+        try:
+            case()
+            record[name] = None
+        except Exception as err:  # noqa: BLE001 - the error is what is recorded
+            record[name] = f"{type(err).__name__}: {err}"
+    return record

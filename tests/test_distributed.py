@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from distlr import LRFinder, find_optimal_lr
-from helpers import (EQUIV, RANK, Faulty, Scenarios, equivalence_run, launch, mlp, mse, read_ranks, regression_data,
-                     state_digest, torchrun)
+from helpers import (EQUIV, RANK, Faulty, Scenarios, disk_looks_full_on, equivalence_run, errors_of, launch, mlp, mse,
+                     read_ranks, regression_data, state_digest, torchrun)
 
 pytestmark = pytest.mark.timeout(400)
 MODULE = "test_distributed"
@@ -207,33 +207,17 @@ def bad_inputs(out: Path) -> dict:
                 f.find(**find)
         return go
 
-    def short_of_space():
-        """Rank 1's disk is (made to look) full; every rank must fail alike and leave no files."""
-        import shutil
-        from collections import namedtuple
+    def disk_full_on_rank1():
+        """Rank 1's disk is full; every rank must fail alike and leave no files."""
+        with disk_looks_full_on(1), finder(snapshot="disk", snapshot_dir=out / "snap-ddp") as f:
+            f.find(num_steps=5)
 
-        real = shutil.disk_usage
-        if RANK == 1:
-            shutil.disk_usage = lambda path: namedtuple("usage", "total used free")(1 << 30, 1 << 30, 1 << 10)
-        try:
-            with finder(snapshot="disk", snapshot_dir=out / "snap-ddp") as f:
-                f.find(num_steps=5)
-        finally:
-            shutil.disk_usage = real
-
-    cases = {
+    record = errors_of({
         "find_min_lr": run(min_lr=-1.0),
         "find_num_steps_on_rank1": run(num_steps=1 if RANK == 1 else 10),
         "criterion_on_rank1": lambda: finder(criterion="mse" if RANK == 1 else mse),
-        "disk_full_on_rank1": short_of_space,
-    }
-    record = {}
-    for name, case in cases.items():
-        try:
-            case()
-            record[name] = None
-        except Exception as err:  # noqa: BLE001 - the error is what is recorded
-            record[name] = f"{type(err).__name__}: {err}"
+        "disk_full_on_rank1": disk_full_on_rank1,
+    })
     dist.barrier()
     record["left_on_disk"] = sorted(str(p) for p in (out / "snap-ddp").rglob("*")) if (out / "snap-ddp").exists() else []
     # After all that, the ranks are still in step: a normal sweep works and agrees.

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from distlr.analysis import build_result
-from distlr.build import build_model, byte_tokens, demo_text
+from distlr.build import build_model
+from distlr.corpus import byte_tokens, demo_text
 
 REPEATS = 15
 

@@ -42,7 +42,7 @@ def phases() -> dict[str, float]:
     cfg = RunConfig(progress=False)
     model = build_model(cfg.model, seq_len=cfg.seq_len)
     mark("build model (transformers)")
-    loader = build_dataloader(cfg, model)
+    loader, _ = build_dataloader(cfg, model)
     mark("read + tokenize data")
     optimizer = build_optimizer(cfg, model)
     finder = LRFinder(model, loader, optimizer, device="cpu")

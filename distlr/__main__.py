@@ -19,11 +19,12 @@ import yaml
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from distlr import distributed as D
-from distlr.build import build_dataloader, build_model, build_trainable
-from distlr.cli import parse_cli
+from distlr.build import build, build_dataloader, build_trainable
+from distlr.cli import config_file, parse_cli
 from distlr.config import RunConfig
 from distlr.finder import LRFinder
-from distlr.report import CONFIG_FILE, PLOT_FILE, RESULT_FILE, TUNED_DS_FILE, new_output_dir, summary, write_atomic
+from distlr.report import (CONFIG_FILE, PLOT_FILE, RESULT_FILE, TUNED_DS_FILE, new_output_dir, remove_if_empty, summary,
+                           write_atomic)
 from distlr.session import Session, launch_info, start_session
 from distlr.signals import Terminated
 
@@ -47,24 +48,29 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=f"`torch.distributed.{name}` is deprecated", category=FutureWarning)
 
     session: Session | None = None
+    made: Path | None = None  # an output directory this run created, removed again if left empty
     try:
         session = start_session(cfg.device, dist_backend=cfg.dist_backend, dist_timeout=cfg.dist_timeout,
                                 for_deepspeed=cfg.deepspeed is not None)
         ctx = session.ctx
         is_main = ctx.is_main
         _seed_everything(cfg.seed)
-        out_dir = _output_dir(cfg, ctx)
-        model = build_model(cfg.model, seq_len=cfg.seq_len)
-        loader = build_dataloader(cfg, model)
-        optimizer, ds_config = build_trainable(cfg, model)
-        with LRFinder(model, loader, optimizer, device=ctx.device, snapshot=cfg.snapshot,
+        out_dir, made = _output_dir(cfg, ctx, config_file(argv))
+        built = build(cfg.model, seq_len=cfg.seq_len)
+        loader, inputs = build_dataloader(cfg, built)
+        optimizer, ds_config = build_trainable(cfg, built.model)
+        with LRFinder(built.model, loader, optimizer, device=ctx.device, snapshot=cfg.snapshot,
                       snapshot_dir=cfg.snapshot_dir, find_unused_parameters=cfg.find_unused_parameters,
                       data_seed=cfg.seed, deepspeed_config=ds_config) as finder:
             logger.info("range test: lr %.1e -> %.1e, %d steps, %d rank(s) on %s", cfg.sweep.min_lr,
                         cfg.sweep.max_lr, cfg.sweep.num_steps, ctx.world_size, ctx.device.type)
+            if "sequences" in inputs and hasattr(finder.train_dataloader, "__len__"):
+                inputs["sequences_per_rank"] = len(finder.train_dataloader) * cfg.batch_size
             result = finder.find(**cfg.sweep.as_dict(), progress=cfg.progress, log_every=cfg.log_every)
             if ctx.is_main:
-                write_atomic(out_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                result.inputs = inputs
+                result.notes.extend(built.notes)
+                write_atomic(out_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_saved_dict(), sort_keys=False))
                 write_atomic(out_dir / RESULT_FILE, result.to_json())
                 finder.plot(out_dir / PLOT_FILE)
                 written = [out_dir / RESULT_FILE, out_dir / PLOT_FILE, out_dir / CONFIG_FILE]
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                     written.append(write_atomic(out_dir / TUNED_DS_FILE, json.dumps(result.deepspeed_config, indent=2)))
                 print(summary(result))
                 print("wrote " + ", ".join(map(str, written)))
+        made = None  # the run wrote its results: the directory stays
     except BAD_INPUT as err:
         return _fail(err, is_main)
     except D.DistlrError as err:  # a failure distlr explained: a rank lost, fp16 overflowing
@@ -82,18 +89,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distlr: {what}; the model, optimizer and RNG state were put back", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
     finally:
+        if made is not None:
+            remove_if_empty(made)
         if session is not None:
             session.close()
     return 0
 
 
-def _output_dir(cfg: RunConfig, ctx: D.DistContext) -> Path:
-    """Rank 0 makes the output directory (never over an earlier result) and tells the others."""
-    path = None
+def _output_dir(cfg: RunConfig, ctx: D.DistContext, given: Path | None) -> tuple[Path, Path | None]:
+    """Rank 0 makes the output directory (never over an earlier result, never over the config
+    file it was given) and tells the others; also the directory if rank 0 created it."""
+    path, created = None, False
     with D.agree_on_failure(ctx):
+        if cfg.output_dir is not None and given is not None and \
+                (Path(cfg.output_dir) / CONFIG_FILE).resolve() == given.resolve():
+            raise ValueError(f"--config {str(given)!r} is the config.yaml of output_dir={cfg.output_dir!r}, which "
+                             "this run would write; choose another --output-dir (distlr never writes over the "
+                             "file it was given)")
         if ctx.is_main:
-            path = new_output_dir(cfg.output_dir, overwrite=cfg.overwrite)
-    return D.broadcast_object(ctx, path)
+            path, created = new_output_dir(cfg.output_dir, overwrite=cfg.overwrite)
+    path = D.broadcast_object(ctx, path)
+    return path, path if created and ctx.is_main else None
 
 
 def _fail(err: BaseException, is_main: bool, *, code: int = 2) -> int:

@@ -159,6 +159,7 @@ def build_result(
     micro_batch_size: int | None,
     accumulation_steps: int,
     elapsed_s: float,
+    global_batch_size: int | None = None,
     skipped_steps: int = 0,
     total_steps: int | None = None,
     notes: list[str] | None = None,
@@ -189,7 +190,10 @@ def build_result(
     if chosen.lr is not None:
         # Map the index among the usable points back onto the recorded curve.
         best_idx = list(lrs).index(float(curve.lrs[chosen.index]))
-    global_batch = None if micro_batch_size is None else micro_batch_size * world_size * accumulation_steps
+    # Measured (samples per step over all ranks) when the sweep gives it, else from the first batch.
+    global_batch = global_batch_size
+    if global_batch is None and micro_batch_size is not None:
+        global_batch = micro_batch_size * world_size * accumulation_steps
     return LRFinderResult(
         optimal_lr=chosen.lr,
         min_lr=min_lr,

@@ -64,11 +64,44 @@ def add_causal_lm_labels(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def prepare_batch(batch: Any, device: torch.device, *, causal_lm: bool, has_criterion: bool) -> Any:
-    """Move a batch to ``device`` and, for a causal LM without a criterion, add its labels."""
+    """Move a batch to ``device`` and, for a causal LM without a criterion, add its labels.
+
+    A dict batch whose values are lists (a ``datasets`` dataset without ``set_format("torch")``)
+    gets tensors made from them, or an error saying what to do.
+    """
+    if isinstance(batch, Mapping):
+        batch = {k: _tensor_from_lists(k, v) for k, v in batch.items()}
     batch = to_device(batch, device)
     if causal_lm and not has_criterion and isinstance(batch, Mapping) and "labels" not in batch:
         batch = add_causal_lm_labels(batch)
     return batch
+
+
+def _tensor_from_lists(key: str, value: Any) -> Any:
+    """A tensor for the lists a ``datasets`` dataset yields without a torch format.
+
+    torch's default collate turns a batch of rows of equal length into a list with one tensor per
+    position (each of the batch's size): stacked along dim 1, that is the (batch, length) tensor.
+    A list of equal-length lists of numbers becomes the tensor it describes. Anything else stays.
+
+    Raises:
+        TypeError: rows of different lengths, which no tensor holds: pad them, or let the
+            dataset yield tensors.
+    """
+    if not isinstance(value, list) or not value:
+        return value
+    if all(isinstance(v, torch.Tensor) and v.dim() == 1 for v in value):
+        if len({v.shape for v in value}) == 1:
+            return torch.stack(value, dim=1)
+    elif all(isinstance(v, (list, tuple)) for v in value):
+        if len({len(v) for v in value}) > 1:
+            raise TypeError(f"batch[{key!r}] holds rows of different lengths ({sorted({len(v) for v in value})}); pad "
+                            "them to one length (a collate_fn, or dataset.set_format('torch') on padded rows)")
+        try:
+            return torch.tensor(value)
+        except (TypeError, ValueError):
+            return value
+    return value
 
 
 def cast_floating_inputs(batch: Any, dtype: torch.dtype, *, has_criterion: bool) -> Any:
@@ -140,10 +173,17 @@ def compute_loss(model: nn.Module, batch: Any, criterion: Criterion | None) -> t
     if criterion is not None:
         inputs, targets = split_inputs_targets(batch)
         output = _call(model, inputs)
+        if not isinstance(output, torch.Tensor) and hasattr(output, "logits"):
+            raise TypeError(
+                f"criterion=... was given, but the model returned a {type(output).__name__}, not a tensor; pass "
+                "criterion=None to use the model's own loss (with 'labels' in the batch), or wrap the model so "
+                "that it returns output.logits"
+            )
         loss = criterion(output, targets)
     else:
         output = _call(model, batch)
-        loss = loss_from_output(output)
+        has_labels = isinstance(batch, Mapping) and "labels" in batch
+        loss = loss_from_output(output, has_labels=has_labels)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise TypeError(
@@ -174,9 +214,17 @@ def split_inputs_targets(batch: Any) -> tuple[Any, Any]:
 def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
-    if isinstance(inputs, (list, tuple)):
+    if _positional(inputs):
         return model(*inputs)
     return model(inputs)
+
+
+def _positional(inputs: Any) -> bool:
+    """Inputs given to ``forward`` as several positional arguments: a tuple, or a list of
+    tensors. A list of anything else (strings, numbers) is one argument."""
+    if isinstance(inputs, tuple):
+        return True
+    return isinstance(inputs, list) and bool(inputs) and all(isinstance(v, (torch.Tensor, Mapping)) for v in inputs)
 
 
 def check_batch_fits(model: nn.Module, batch: Any, criterion: Criterion | None) -> None:
@@ -189,7 +237,7 @@ def check_batch_fits(model: nn.Module, batch: Any, criterion: Criterion | None) 
         TypeError: the batch has more elements than ``forward`` takes, saying what to pass.
     """
     inputs = split_inputs_targets(batch)[0] if criterion is not None else batch
-    if isinstance(inputs, (list, tuple)) and not isinstance(inputs, Mapping):
+    if _positional(inputs):
         _check_arity(model, len(inputs))
 
 
@@ -210,20 +258,29 @@ def _check_arity(model: nn.Module, given: int) -> None:
         )
 
 
-def loss_from_output(output: Any) -> torch.Tensor:
-    """The loss a model returned: ``.loss`` (Hugging Face), ``output["loss"]``, or a scalar."""
+def loss_from_output(output: Any, *, has_labels: bool = False) -> torch.Tensor:
+    """The loss a model returned: ``.loss`` (Hugging Face), ``output["loss"]``, a scalar, or,
+    when the batch has labels, the first element of a ``(loss, logits, ...)`` tuple (Hugging
+    Face with ``return_dict=False``)."""
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, Mapping):
         loss = output.get("loss")
     if loss is None and isinstance(output, torch.Tensor) and output.numel() == 1:
         loss = output
+    if (loss is None and has_labels and isinstance(output, (tuple, list)) and output
+            and isinstance(output[0], torch.Tensor) and output[0].numel() == 1):
+        loss = output[0]
     if loss is None:
         what = type(output).__name__
         if isinstance(output, torch.Tensor):
             what += f" of shape {tuple(output.shape)}"
+        elif isinstance(output, (tuple, list)):
+            what += f" of {len(output)} elements, the first not a scalar loss"
+        labels = ("the batch has 'labels', but the model returned no loss for them" if has_labels
+                  else "include 'labels' in a Hugging Face batch")
         raise TypeError(
             f"cannot find a loss in the model output ({what}): pass criterion=... (e.g. "
-            "torch.nn.CrossEntropyLoss()) with (inputs, targets) batches, include 'labels' in a "
-            "Hugging Face batch, or make the model return a scalar loss"
+            f"torch.nn.CrossEntropyLoss()) with (inputs, targets) batches, {labels}, or make the model return "
+            "a scalar loss"
         )
     return loss

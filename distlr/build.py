@@ -3,25 +3,43 @@
 The demo is a tiny GPT-2-style causal LM built from a transformers config (no download) on
 Python's own documentation text (``pydoc_data.topics``, shipped with every CPython), byte-level
 tokenized and packed into fixed-length sequences.
+
+A Hugging Face model is loaded through the head it was built with: a causal LM as one, a
+masked LM (BERT-style) as one, trained with the standard 15 % masking. Any other head
+(seq2seq, classification, ...) needs labelled batches that text alone cannot give, and is
+refused before anything runs.
 """
 
 from __future__ import annotations
 
-import glob
 import importlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from distlr.config import RunConfig
+from distlr.config import BUILTIN_MODELS, RunConfig
+from distlr.corpus import MaskedLMCollate, PackedTokens, byte_tokens, read_corpus
 
 BYTE_VOCAB = 256
-BUILTIN_MODELS = ("demo", "tiny-gpt", "gpt2-small")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+ModelKind = Literal["causal", "masked", "custom"]
+
+
+@dataclass
+class BuiltModel:
+    """The model a config names, how the CLI trains it, and its tokenizer if it has one."""
+
+    model: nn.Module
+    kind: ModelKind
+    """"causal" (next-token loss), "masked" (15 % of the tokens masked) or "custom" (a factory's
+    model, trained on the batches its data gives)."""
+    tokenizer: Any | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def load_factory(spec: str, what: str) -> Any:
@@ -55,40 +73,97 @@ def _gpt2_small_config(seq_len: int) -> Any:
 
 
 def build_model(spec: str, *, seq_len: int) -> nn.Module:
+    """The model a config names (see ``build``)."""
+    return build(spec, seq_len=seq_len).model
+
+
+def build(spec: str, *, seq_len: int) -> BuiltModel:
     """The model a config names: a built-in, a Hugging Face directory/config.json, or a factory.
 
     A Hugging Face directory with weights is loaded from them (local files only); a config
-    alone gives a freshly initialised model.
+    alone gives a freshly initialised model. Either way through the head it was built with.
+
+    Raises:
+        ValueError: no such model, or a kind the CLI cannot train on text (naming its class and
+            what to pass instead).
     """
     if spec in BUILTIN_MODELS:
         from transformers import AutoModelForCausalLM
 
         config = (_gpt2_small_config if spec == "gpt2-small" else _tiny_gpt_config)(seq_len)
-        return _quiet_lm(AutoModelForCausalLM.from_config(config))
+        return BuiltModel(_quiet_lm(AutoModelForCausalLM.from_config(config)), "causal")
     if ":" in spec and not Path(spec).exists():
         model = load_factory(spec, "model")()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model={spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
-        return model
+        return BuiltModel(model, _kind_of_module(model))
     path = Path(spec)
     if not path.exists():
         raise ValueError(
             f"model={spec!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), an existing Hugging Face "
             "directory or config.json, nor a 'package.module:function' factory"
         )
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if path.is_file():
         data = json.loads(path.read_text())
         if "model_type" not in data:
             raise ValueError(f"model={spec!r}: a config.json needs a 'model_type' key (e.g. \"gpt2\")")
         config = AutoConfig.for_model(data.pop("model_type"), **data)
-        return _quiet_lm(AutoModelForCausalLM.from_config(config))
-    if any((path / name).exists() for name in WEIGHT_FILES):
-        return _quiet_lm(AutoModelForCausalLM.from_pretrained(path, local_files_only=True))
-    if not (path / "config.json").exists():
+    elif not (path / "config.json").exists():
         raise ValueError(f"model={spec!r}: the directory has no config.json")
-    return _quiet_lm(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True)))
+    else:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    kind, auto = _head(spec, config)
+    with_weights = path.is_dir() and any((path / name).exists() for name in WEIGHT_FILES)
+    model = auto.from_pretrained(path, local_files_only=True) if with_weights else auto.from_config(config)
+    built = BuiltModel(_quiet_lm(model) if kind == "causal" else model, kind)
+    if path.is_dir() and (path / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        built.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if kind == "masked":
+        if built.tokenizer is None or built.tokenizer.mask_token_id is None:
+            raise ValueError(f"model={spec!r} is a masked LM ({type(model).__name__}): its training masks 15 % of "
+                             "the tokens with the tokenizer's mask token, and the directory has no such tokenizer")
+        built.notes.append(f"masked LM ({type(model).__name__}): trained with 15 % of the tokens masked "
+                           "(80 % mask token, 10 % random, 10 % kept), as BERT was")
+    return built
+
+
+def _head(spec: str, config: Any) -> tuple[ModelKind, Any]:
+    """The kind and the Auto class of a Hugging Face config: the head it was built with."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    name = architectures[0] if architectures else f"a fresh {config.model_type} model"
+    if getattr(config, "is_encoder_decoder", False):
+        kind = None
+    elif architectures:
+        arch = architectures[0]
+        causal = arch.endswith("ForCausalLM") or (arch.endswith("LMHeadModel") and getattr(config, "is_decoder", True))
+        kind = "causal" if causal else "masked" if arch.endswith("ForMaskedLM") else None
+    elif config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        kind = "masked"  # an encoder (BERT-style): its language-model head is the masked one
+    elif config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = "causal"
+    else:
+        kind = None
+    if kind is None:
+        what = "an encoder-decoder (seq2seq) model" if getattr(config, "is_encoder_decoder", False) else "not a language model"
+        raise ValueError(f"model={spec!r} is {name}, {what}: text alone cannot train it. Pass a "
+                         "'package.module:function' data factory that yields labelled batches, and the model as one too")
+    return kind, AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+
+
+def _kind_of_module(model: nn.Module) -> ModelKind:
+    from distlr.batch import is_causal_lm
+
+    if is_causal_lm(model):
+        return "causal"
+    return "masked" if type(model).__name__.endswith("ForMaskedLM") else "custom"
 
 
 def _quiet_lm(model: nn.Module) -> nn.Module:
@@ -98,93 +173,83 @@ def _quiet_lm(model: nn.Module) -> nn.Module:
     return model
 
 
-class PackedTokens(Dataset):
-    """A 1-D token stream cut into ``seq_len`` blocks, served as causal-LM dict samples."""
+def _tokenizer_fn(built: BuiltModel):
+    if built.tokenizer is None:
+        return byte_tokens
+    tokenizer = built.tokenizer
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
-        n = tokens.numel() // seq_len
-        if n == 0:
-            raise ValueError(f"the text is too short: {tokens.numel()} tokens for seq_len={seq_len}")
-        self.blocks = tokens[: n * seq_len].view(n, seq_len).long()
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.blocks[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def demo_text() -> str:
-    """About 465 k characters of English prose that ships with CPython."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
-
-
-def byte_tokens(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
-
-
-def _text_files(spec: str) -> list[Path]:
-    files: list[Path] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        path = Path(part)
-        if path.is_dir():
-            files.extend(sorted(path.glob("*.txt")))
-        elif any(ch in part for ch in "*?["):
-            files.extend(Path(p) for p in sorted(glob.glob(part)))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ValueError(f"data={spec!r}: {part!r} is not a file, a directory of .txt files or a glob that matches")
-    if not files:
-        raise ValueError(f"data={spec!r} matched no files")
-    return files
-
-
-def _tokens_for(cfg: RunConfig) -> torch.Tensor:
-    if cfg.data == "demo":
-        return byte_tokens(demo_text())
-    files = _text_files(cfg.data)
-    if len(files) == 1 and files[0].suffix in (".pt", ".pth"):
-        tokens = torch.load(files[0], weights_only=True)
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
-            raise ValueError(f"data={cfg.data!r}: a .pt file must hold a 1-D tensor of token ids")
-        return tokens
-    text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    tokenizer_dir = Path(cfg.model)
-    if tokenizer_dir.is_dir() and (tokenizer_dir / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    def tokenize(text: str) -> torch.Tensor:
         return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    return byte_tokens(text)
+
+    return tokenize
 
 
-def build_dataloader(cfg: RunConfig, model: nn.Module) -> Any:
-    """The loader a config names. Text is tokenized (the model directory's tokenizer if it has
-    one, else bytes) and packed into ``seq_len`` blocks; a factory may return a Dataset or a loader.
+def build_dataloader(cfg: RunConfig, built: BuiltModel | nn.Module) -> tuple[Any, dict[str, Any]]:
+    """The loader a config names, and what was read (for the summary and ``result.json``).
+
+    Text is tokenized (the model directory's tokenizer if it has one, else bytes), token files
+    and datasets are read as ids, and the stream is packed into ``seq_len`` blocks; a factory
+    may return a Dataset or a loader.
+
+    Raises:
+        ValueError: ids outside the model's vocabulary, a ``seq_len`` longer than the model's
+            positions, data too short for one block; each says what to change.
     """
+    if not isinstance(built, BuiltModel):
+        built = BuiltModel(built, _kind_of_module(built))
     if ":" in cfg.data and not Path(cfg.data).exists():
         made = load_factory(cfg.data, "data")()
         if isinstance(made, DataLoader) or (not isinstance(made, Dataset) and hasattr(made, "__iter__")):
-            return made
+            return made, {"source": f"factory {cfg.data}"}
         if not isinstance(made, Dataset):
             raise ValueError(f"data={cfg.data!r}: the factory returned {type(made).__name__}, not a Dataset or loader")
-        dataset: Dataset = made
-    else:
-        tokens = _tokens_for(cfg)
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if vocab is not None and int(tokens.max()) >= vocab:
-            raise ValueError(
-                f"data={cfg.data!r} has token id {int(tokens.max())} but the model's vocab_size is {vocab}; "
-                "give the model directory a tokenizer or use a larger vocabulary"
-            )
-        dataset = PackedTokens(tokens, cfg.seq_len)
+        described: dict[str, Any] = {"source": f"factory {cfg.data}", "samples": len(made)}  # type: ignore[arg-type]
+        return _loader(cfg, made, collate=None), described
+    if built.kind == "custom":
+        raise ValueError(f"model={cfg.model!r} is a {type(built.model).__name__}, not a language model distlr can "
+                         "train on text; pass the data as a 'package.module:function' factory too")
+    _check_positions(cfg, built.model)
+    corpus = read_corpus(cfg.data, tokenize=_tokenizer_fn(built), text_column=cfg.text_column,
+                         token_dtype=cfg.token_dtype)
+    _check_ids(cfg, corpus.tokens, built.model)
+    dataset = PackedTokens(corpus.tokens, cfg.seq_len)
+    collate = None
+    if built.kind == "masked":
+        tokenizer = built.tokenizer
+        collate = MaskedLMCollate(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                                  special_ids=list(tokenizer.all_special_ids))
+    described = {**corpus.describe(), "seq_len": cfg.seq_len, "sequences": len(dataset)}
+    return _loader(cfg, dataset, collate), described
+
+
+def _loader(cfg: RunConfig, dataset: Dataset, collate: Any) -> DataLoader:
     generator = torch.Generator().manual_seed(cfg.seed)
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                      num_workers=cfg.num_workers, generator=generator)
+                      num_workers=cfg.num_workers, generator=generator, collate_fn=collate)
+
+
+def _check_positions(cfg: RunConfig, model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        limit = getattr(config, key, None)
+        if isinstance(limit, int) and cfg.seq_len > limit:
+            raise ValueError(f"seq_len={cfg.seq_len} is longer than the model's {key}={limit}; "
+                             f"use --seq-len {limit} or less")
+
+
+def _check_ids(cfg: RunConfig, tokens: torch.Tensor, model: nn.Module) -> None:
+    if tokens.numel() == 0:
+        raise ValueError(f"data={cfg.data!r} holds no tokens")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0:
+        raise ValueError(f"data={cfg.data!r} has a negative token id ({low}); token ids are >= 0 "
+                         "(a .bin file of another dtype? see --token-dtype)")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and high >= vocab:
+        raise ValueError(
+            f"data={cfg.data!r} has token id {high} but the model's vocab_size is {vocab}; "
+            "give the model directory a tokenizer, use a larger vocabulary, or check --token-dtype"
+        )
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:

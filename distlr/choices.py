@@ -23,6 +23,8 @@ SuggestionMethod = Literal["steepest_gradient", "valley", "minimum"]
 """The rule that picks ``optimal_lr`` (``distlr.suggest.SUGGESTION_RULES``; the first is the default)."""
 OptimizerName = Literal["adamw", "adam", "sgd"]
 """The optimizers the CLI builds."""
+TokenDtype = Literal["uint16", "uint32", "int32", "int64"]
+"""The integer type of raw ``.bin`` token files."""
 
 STEP_MODES: tuple[str, ...] = get_args(StepMode)
 AMP_MODES: tuple[str, ...] = get_args(AmpMode)
@@ -30,6 +32,7 @@ SNAPSHOT_MODES: tuple[str, ...] = get_args(SnapshotMode)
 DIST_BACKENDS: tuple[str, ...] = get_args(DistBackend)
 SUGGESTION_METHODS: tuple[str, ...] = get_args(SuggestionMethod)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+TOKEN_DTYPES: tuple[str, ...] = get_args(TokenDtype)
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from distlr.args import SweepArgs
 from distlr.choices import closest
-from distlr.config import RunConfig, field_defaults, field_docs, field_types, load_yaml
+from distlr.config import BUILTIN_MODELS, RunConfig, field_defaults, field_docs, field_types, load_yaml
 
 DESCRIPTION = """\
 LR range test that runs where training runs. With no arguments: the built-in demo (a tiny GPT on
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = field_defaults()
     for name, tp in field_types().items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        help_text = f"{docs.get(name, '')} (default: {defaults[name]})"
+        doc = docs.get(name, "")
+        help_text = doc if "default" in doc else f"{doc} (default: {defaults[name]})"
         if tp is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
@@ -43,12 +45,36 @@ def parse_cli(argv: list[str] | None = None) -> RunConfig:
     if unknown:
         flag = unknown[0]
         names = [opt for action in parser._actions for opt in action.option_strings]
-        close = closest(flag.split("=")[0], names)
+        typed = flag.split("=")[0]
+        starting = sorted({n for n in names if n.startswith(typed) and "_" not in n})
+        close = " or ".join(starting) if starting else closest(typed, names)
         hint = f"; did you mean {close}?" if close else ""
         raise ValueError(f"unknown argument {flag!r}{hint} (see distlr --help)")
     values = vars(args)
     config_file = values.pop("config", None)
     values.pop("local_rank", None)
-    merged = load_yaml(config_file) if config_file else {}
+    merged = _paths_from(Path(config_file), load_yaml(config_file)) if config_file else {}
     merged.update(values)
     return RunConfig.from_dict(merged, source=f"--config {config_file}" if config_file else "arguments")
+
+
+def config_file(argv: list[str] | None = None) -> Path | None:
+    """The ``--config`` file ``argv`` names, if any (so that it is never written over)."""
+    args, _ = build_parser().parse_known_args(argv)
+    return None if args.config is None else Path(args.config)
+
+
+def _paths_from(path: Path, data: dict) -> dict:
+    """A YAML file's own paths (``model``, ``data``, ``deepspeed``) are relative to the file, so
+    that a config runs from any working directory; built-in names and factories stay as they are."""
+    base = path.resolve().parent
+    out = dict(data)
+    for key in ("model", "data", "deepspeed"):
+        value = out.get(key)
+        if not isinstance(value, str) or value in BUILTIN_MODELS or value == "demo":
+            continue
+        if ":" in value and not (base / value).exists() and "/" not in value.split(":")[0]:
+            continue  # a package.module:function factory
+        parts = value.split(",") if key == "data" else [value]
+        out[key] = ",".join(p if Path(p.strip()).is_absolute() else str(base / p.strip()) for p in parts if p.strip())
+    return out

@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from distlr.args import SweepArgs, is_int, is_real
-from distlr.choices import (DEVICE_CHOICES, DIST_BACKENDS, OPTIMIZERS, SNAPSHOT_MODES, DistBackend, OptimizerName,
-                            SnapshotMode, check_choice, closest)
+from distlr.choices import (DEVICE_CHOICES, DIST_BACKENDS, OPTIMIZERS, SNAPSHOT_MODES, TOKEN_DTYPES, DistBackend,
+                            OptimizerName, SnapshotMode, TokenDtype, check_choice, closest)
+
+
+BUILTIN_MODELS = ("demo", "tiny-gpt", "gpt2-small")
+"""The models the CLI builds by name."""
 
 
 @dataclass(kw_only=True)
@@ -35,7 +39,11 @@ class RunConfig:
     model: str = "demo"
     """'demo' (tiny GPT), 'gpt2-small', a Hugging Face model directory or config.json, or 'package.module:function'."""
     data: str = "demo"
-    """'demo' (Python's own documentation text), text file(s) (comma-separated or glob), or 'package.module:function'."""
+    """'demo' (Python's own documentation); text files, .pt/.npy/.bin token files, .jsonl/.json/.parquet/.csv/.arrow files (comma-separated, a glob, or a directory of .txt files); a saved Hugging Face datasets directory; or 'package.module:function'."""
+    text_column: str = "text"
+    """The column holding the text in a Hugging Face dataset or .jsonl/.parquet/... files (an 'input_ids' column is used as it is)."""
+    token_dtype: TokenDtype = "uint16"
+    """The integer type of raw .bin token files (nanoGPT style): uint16, uint32, int32 or int64."""
     seq_len: int = 64
     """Tokens per sequence when text is tokenized and packed."""
     batch_size: int = 16
@@ -92,6 +100,7 @@ class RunConfig:
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers!r} is not allowed; use an int >= 0")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("token_dtype", self.token_dtype, TOKEN_DTYPES)
         check_choice("snapshot", self.snapshot, SNAPSHOT_MODES)
         check_choice("dist_backend", self.dist_backend, DIST_BACKENDS)
         if not self.dist_timeout > 0 or not math.isfinite(self.dist_timeout):
@@ -112,6 +121,11 @@ class RunConfig:
         flat = self.sweep.as_dict()
         flat.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sweep"})
         return flat
+
+    def to_saved_dict(self) -> dict[str, Any]:
+        """What a run saves as its ``config.yaml``: everything but ``overwrite``, so that running
+        the saved config again can never write over that run."""
+        return {k: v for k, v in self.to_dict().items() if k != "overwrite"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> RunConfig:
@@ -178,6 +192,8 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
             if text in ("false", "0", "no", "off"):
                 return False
             raise ValueError
+        if base in (int, float) and isinstance(value, bool):
+            raise ValueError  # YAML's true is no number
         if base is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
@@ -38,19 +38,28 @@ class BatchStream:
     """Endless batches from a loader; when it runs out, the next epoch starts.
 
     A ``sampler.set_epoch(epoch)`` (DistributedSampler and friends) is called for each new epoch
-    so every pass is shuffled anew, and the user is told once that the loader was cycled.
+    so every pass is shuffled anew, and the user is told once that the loader was cycled
+    (through ``warn``, which the progress bar uses to keep the message off its line).
+    A one-shot iterator (a generator) cannot start again: running out of it is an error that
+    says so.
     """
 
-    def __init__(self, loader: Iterable[Any]) -> None:
+    def __init__(self, loader: Iterable[Any], *, warn: Callable[[str], None] | None = None) -> None:
         self.loader = loader
         self.cycled = False
+        self._warn = warn or logger.warning
         # Made on the first fetch, not here: a DataLoader draws its shuffle seed from the torch RNG
         # when its iterator is created, and that must happen after the snapshot.
         self._it: Iterator[Any] | None = None
         self._read_this_epoch = 0
+        self._read = 0
 
     def next(self) -> Any:
-        """The next batch. Raises ValueError if the loader yields nothing at all."""
+        """The next batch.
+
+        Raises:
+            ValueError: the loader yields nothing at all, or a one-shot iterator ran out.
+        """
         if self._it is None:
             self._it = iter(self.loader)
         try:
@@ -60,27 +69,34 @@ class BatchStream:
                 raise ValueError(
                     "train_dataloader yielded no batches; check the dataset, batch_size and drop_last"
                 ) from None
-            self._new_epoch()
-            batch = next(self._it)
+            batch = self._new_epoch()
         self._read_this_epoch += 1
+        self._read += 1
         return batch
 
     def take(self, n: int) -> list[Any]:
         """The next ``n`` batches: the micro-batches of one optimizer step."""
         return [self.next() for _ in range(n)]
 
-    def _new_epoch(self) -> None:
-        if not self.cycled:
-            logger.warning(
-                "train_dataloader ran out after %d batches; cycling it (new epoch, new shuffle) "
-                "to reach num_steps", self._read_this_epoch,
-            )
-        self.cycled = True
+    def _new_epoch(self) -> Any:
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(getattr(sampler, "epoch", 0) + 1)
-        self._read_this_epoch = 0
+        ran_out_after, self._read_this_epoch = self._read_this_epoch, 0
         self._it = iter(self.loader)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            raise ValueError(
+                f"train_dataloader ran out after {self._read} batches and cannot start again: it is a one-shot "
+                f"iterator ({type(self.loader).__name__}). Pass something that can be iterated again (a "
+                "DataLoader, a list of batches), or lower num_steps so the sweep needs fewer batches"
+            ) from None
+        if not self.cycled:
+            self._warn(f"train_dataloader ran out after {ran_out_after} batches; cycling it (new epoch, new "
+                       "shuffle) to reach num_steps")
+        self.cycled = True
+        return batch
 
 
 def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
@@ -94,6 +110,8 @@ def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
     """
     if not ctx.distributed:
         return loader
+    if isinstance(loader, DataLoader) and isinstance(loader.sampler, DistributedSampler):
+        _check_shard(loader, ctx)
     if not isinstance(loader, DataLoader):
         _warn_unsharded(ctx, f"train_dataloader is a {type(loader).__name__}, not a DataLoader")
         return loader
@@ -110,13 +128,27 @@ def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
         shuffle=isinstance(loader.sampler, RandomSampler), seed=seed, drop_last=loader.drop_last,
     )
     workers = loader.num_workers
-    return DataLoader(
+    sharded = DataLoader(
         loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=workers,
         collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
         timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
         multiprocessing_context=loader.multiprocessing_context if workers else None,
         prefetch_factor=loader.prefetch_factor if workers else None,
         persistent_workers=loader.persistent_workers if workers else False,
+    )
+    _check_shard(sharded, ctx)
+    return sharded
+
+
+def _check_shard(loader: DataLoader, ctx: DistContext) -> None:
+    """Raise if sharding left this rank no batch to read (a small dataset over many ranks)."""
+    if len(loader) > 0:
+        return
+    per_rank = len(loader.sampler)
+    raise ValueError(
+        f"train_dataloader's {len(loader.dataset)} samples, shared by {ctx.world_size} ranks, give each rank "
+        f"{per_rank}: fewer than batch_size={loader.batch_size} with drop_last={loader.drop_last}, so a rank "
+        "would read no batch at all; use a smaller batch_size, more data or fewer ranks"
     )
 
 

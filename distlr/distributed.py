@@ -62,7 +62,7 @@ def communication(ctx: DistContext, what: str, step: int | None = None) -> Itera
     except RuntimeError as err:
         if not ctx.distributed or isinstance(err, DistlrError):
             raise
-        at = "" if step is None else f" of step {step}"
+        at = "" if step is None else f" of step {step + 1}"  # counted from 1, as the progress log counts
         raise CollectiveError(
             f"rank {ctx.rank}: the {what}{at} failed; another rank died, hung past the collective timeout "
             f"or left the sweep (look for its own error above): {err}"

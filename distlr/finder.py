@@ -32,7 +32,7 @@ from distlr.report import ProgressReporter
 from distlr.result import LRFinderResult
 from distlr.session import DEFAULT_TIMEOUT_S, start_session
 from distlr.signals import shielded, sigterm_as_interrupt
-from distlr.snapshot import Snapshot
+from distlr.snapshot import Snapshot, check_snapshot_dir
 from distlr.sweep import run_sweep
 from distlr.tracker import LossTracker
 
@@ -113,13 +113,16 @@ class LRFinder:
         self.device = self.ctx.device
         try:
             # The same error on every rank, before any rank enters DDP's or DeepSpeed's collectives.
+            snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else Path(tempfile.gettempdir())
             with D.agree_on_failure(self.ctx):
                 _check_constructor_args(model, train_dataloader, optimizer, criterion, snapshot)
                 backends.check_args(model, optimizer, deepspeed_config)
                 ds_config = backends.read_deepspeed_config(deepspeed_config)
+                if snapshot == "disk":
+                    check_snapshot_dir(snapshot_dir)
+                self.train_dataloader = shard_loader(train_dataloader, self.ctx, seed=data_seed)
             if not type(model).__module__.startswith("deepspeed"):
                 model = model.to(self.device)  # an engine already placed its module
-            self.train_dataloader = shard_loader(train_dataloader, self.ctx, seed=data_seed)
         except BaseException:
             self._session.close()
             raise
@@ -129,7 +132,7 @@ class LRFinder:
             micro_batch_hint=getattr(train_dataloader, "batch_size", None))
         self._backend: backends.Backend | None = None
         self.snapshot_mode: SnapshotMode = snapshot
-        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else Path(tempfile.gettempdir())
+        self.snapshot_dir = snapshot_dir
         self.result: LRFinderResult | None = None
         self._snapshot: Snapshot | None = None
 
@@ -214,7 +217,7 @@ class LRFinder:
         start = time.perf_counter()
         with sigterm_as_interrupt():
             snapshot = self._take_snapshot(backend)
-            stream = BatchStream(self.train_dataloader)
+            stream = BatchStream(self.train_dataloader, warn=None if reporter is None else reporter.warn)
             try:
                 history = run_sweep(backend, stream, ladder, tracker, self.ctx, reporter=reporter)
             finally:
@@ -233,6 +236,12 @@ class LRFinder:
         result = None
         if self.ctx.is_main:
             notes = list(backend.notes)
+            global_batch = None
+            if history.samples:
+                global_batch = sorted(history.samples)[len(history.samples) // 2]
+                if min(history.samples) != max(history.samples):
+                    notes.append(f"the global batch varied between {min(history.samples)} and {max(history.samples)} "
+                                 f"samples a step (global_batch_size is the median, {global_batch})")
             if cycled:
                 notes.append(f"train_dataloader ran out before {args.num_steps} steps and was cycled (new epochs)")
             result = build_result(
@@ -241,9 +250,10 @@ class LRFinder:
                 max_lr=args.max_lr, num_steps=args.num_steps, smooth_factor=args.smooth_factor,
                 suggestion_method=args.suggestion_method, step_mode=args.step_mode, world_size=self.ctx.world_size,
                 micro_batch_size=backend.micro_batch_size, accumulation_steps=backend.accumulation_steps,
-                elapsed_s=elapsed, total_steps=args.total_steps or backend.total_steps_hint, notes=notes,
+                global_batch_size=global_batch, elapsed_s=elapsed, total_steps=args.total_steps or backend.total_steps_hint, notes=notes,
             )
             backend.add_to_result(result)
+            result.provenance = _provenance(self._session.launcher, self.ctx.world_size)
             logger.info(
                 "suggested lr %s (%s) | %s after %d/%d steps | %.1f s",
                 "none" if result.optimal_lr is None else f"{result.optimal_lr:.3e}", result.suggestion_method,
@@ -316,6 +326,20 @@ class LRFinder:
         # Rank 0 names the snapshot so that every rank uses the same name.
         name = D.broadcast_object(self.ctx, f"distlr-snapshot-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         return self.snapshot_dir / name
+
+
+def _provenance(launcher: str, world_size: int) -> dict[str, Any]:
+    """The versions a result was made with, and how the job was launched."""
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    versions = {name: version(name) for name in ("distlr", "torch", "transformers", "deepspeed")}
+    return {**versions, "launcher": launcher, "world_size": world_size}
 
 
 def _check_constructor_args(model: Any, loader: Any, optimizer: Any, criterion: Any, snapshot: Any) -> None:

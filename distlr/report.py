@@ -52,10 +52,16 @@ class ProgressReporter:
         elif (index % self.log_every == 0 or index + 1 == self.num_steps) and logger.isEnabledFor(logging.INFO):
             logger.info(format_step(index, self.num_steps, lr, loss, smoothed))
 
+    def warn(self, message: str) -> None:
+        """A warning during the sweep, on a line of its own, not glued to the progress bar."""
+        self.close()
+        logger.warning("%s", message)
+
     def close(self) -> None:
         if self._drawn:
             self.stream.write("\n")
             self.stream.flush()
+            self._drawn = False
 
 
 def summary(result: LRFinderResult) -> str:
@@ -83,9 +89,25 @@ def summary(result: LRFinderResult) -> str:
     }[result.stop_reason]
     batch = f", global batch {result.global_batch_size}" if result.global_batch_size else ""
     lines.append(f"sweep:        {ended}; {result.world_size} rank(s){batch}; {result.elapsed_s:.1f} s")
+    if result.inputs:
+        lines.append(f"data:         {describe_inputs(result.inputs)}")
     lines.extend(f"range:        {note}" for note in result.range_notes)
     lines.extend(f"note:         {note}" for note in result.notes)
     return "\n".join(lines)
+
+
+def describe_inputs(inputs: dict) -> str:
+    """One line of what the command line read: ``12,345 tokens from 2 files (token files), 192
+    sequences of 64, 96 per rank``."""
+    parts = [str(inputs.get("source", "data"))]
+    if "tokens" in inputs:
+        files = inputs.get("files") or []
+        where = f" from {len(files)} file(s)" if files else ""
+        parts.insert(0, f"{inputs['tokens']:,} tokens{where}")
+    if "sequences" in inputs:
+        per_rank = f", {inputs['sequences_per_rank']:,} per rank" if "sequences_per_rank" in inputs else ""
+        parts.append(f"{inputs['sequences']:,} sequences of {inputs['seq_len']}{per_rank}")
+    return "; ".join(parts)
 
 
 def _step_of(result: LRFinderResult) -> str:
@@ -97,8 +119,8 @@ def _lr_at(result: LRFinderResult) -> str:
     return f"{result.lrs[result.diverged_at]:.2e}" if result.diverged_at is not None else "-"
 
 
-def new_output_dir(requested: str | None, *, overwrite: bool, root: str | Path = "distlr-runs") -> Path:
-    """Create and return the directory results go to.
+def new_output_dir(requested: str | None, *, overwrite: bool, root: str | Path = "distlr-runs") -> tuple[Path, bool]:
+    """Create and return the directory results go to, and whether it was created here.
 
     With no ``requested`` path: a new timestamped folder under ``root``. A requested directory
     that already holds a result is refused unless ``overwrite`` is set.
@@ -123,6 +145,7 @@ def new_output_dir(requested: str | None, *, overwrite: bool, root: str | Path =
             )
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(f"output_dir={str(path)!r} exists and is not a directory")
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -130,21 +153,44 @@ def new_output_dir(requested: str | None, *, overwrite: bool, root: str | Path =
                       "--output-dir") from None
     if not os.access(path, os.W_OK):
         raise PermissionError(f"output_dir={str(path)!r} is not writable; choose a writable --output-dir")
-    return path
+    return path, created
+
+
+def remove_if_empty(path: Path) -> None:
+    """Remove a directory this run made and left empty (a run that failed or was interrupted)."""
+    try:
+        path.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temp path beside ``path`` to write to; renamed onto ``path`` only if the block succeeds,
-    removed if it fails, so no half-written file is ever left at ``path``."""
+    removed if it fails, so no half-written file is ever left at ``path``. The file gets the
+    usual permissions (0666 less the umask), as ``open()`` would give it, not the temp file's 0600.
+
+    Raises:
+        FileNotFoundError: ``path``'s directory does not exist (naming ``path``).
+    """
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(path)!r}: there is no directory {str(path.parent)!r}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; it is set straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, text: str) -> Path:

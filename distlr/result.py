@@ -6,7 +6,13 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+SCHEMA_VERSION = 2
+"""1: the first release; 2: added peak_lr, confidence, range_notes, trend_losses, inputs,
+provenance and schema_version."""
+
 
 @dataclass
 class LRFinderResult:
@@ -60,7 +66,8 @@ class LRFinderResult:
     """Samples per rank per micro-batch (the first batch's size)."""
     accumulation_steps: int = 1
     global_batch_size: int | None = None
-    """micro_batch_size x world_size x accumulation_steps."""
+    """Samples per optimizer step over all ranks, as measured (the median over the steps; a note
+    says when it varied)."""
     elapsed_s: float = 0.0
     """Wall time of the sweep, snapshot and restore included."""
     notes: list[str] = field(default_factory=list)
@@ -69,6 +76,13 @@ class LRFinderResult:
     """The DeepSpeed ZeRO stage the sweep ran under (None without DeepSpeed)."""
     deepspeed_config: dict[str, Any] | None = None
     """The user's DeepSpeed config with the suggested lr and a scheduler (ds_config.tuned.json)."""
+    inputs: dict[str, Any] | None = None
+    """What the command line read: source, files, tokens, sequences (None from the Python API)."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Where the result came from: the versions of distlr, torch, transformers and deepspeed, the
+    launcher and the world size."""
+    schema_version: int = SCHEMA_VERSION
+    """The layout of this result's JSON; a reader of an older one gets its missing fields' defaults."""
 
     @property
     def steps_run(self) -> int:
@@ -97,8 +111,17 @@ class LRFinderResult:
 
     @classmethod
     def from_json(cls, text: str) -> LRFinderResult:
-        """Inverse of ``to_json``."""
+        """Inverse of ``to_json`` (a JSON text; ``load`` reads a file)."""
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LRFinderResult:
+        """Read a ``result.json`` file.
+
+        Example:
+            >>> result = LRFinderResult.load("distlr-runs/20260101-120000/result.json")  # doctest: +SKIP
+        """
+        return cls.from_json(Path(path).read_text())
 
     def __eq__(self, other: object) -> bool:
         # NaN != NaN would make a diverged result unequal to its own round trip.

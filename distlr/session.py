@@ -64,6 +64,9 @@ class Session:
 
     ctx: DistContext
     owns_group: bool = False
+    launcher: str = "single"
+    """How the job was started: "torchrun", "slurm", "single" (one plain process), or "user" (the
+    process group was there already)."""
     keep_group: bool = False
     """Made for DeepSpeed: the group outlives the session, because DeepSpeed keeps it in module
     globals and would break every later engine in this process on a new one."""
@@ -112,7 +115,9 @@ def start_session(
     if dist.is_available() and dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         dev = resolve_device(device, local_rank)
-        return Session(DistContext(dist.get_rank(), local_rank, dist.get_world_size(), dev), owns_group=False)
+        info = launch_info()
+        return Session(DistContext(dist.get_rank(), local_rank, dist.get_world_size(), dev), owns_group=False,
+                       launcher=info.launcher if info is not None else "user")
     info = launch_info()
     if info is None and not for_deepspeed:
         return Session(DistContext(device=resolve_device(device, 0)))
@@ -137,7 +142,7 @@ def start_session(
     if info.rank == 0:
         logger.info("process group: %s, %d rank(s), timeout %.0f s", backend, info.world_size, dist_timeout)
     return Session(DistContext(info.rank, info.local_rank, info.world_size, dev), owns_group=True,
-                   keep_group=for_deepspeed)
+                   launcher=info.launcher, keep_group=for_deepspeed)
 
 
 def resolve_device(device: object, local_rank: int = 0) -> torch.device:

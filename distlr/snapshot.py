@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import random
 import shutil
 import warnings
@@ -134,6 +135,22 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         return host.copy_(t, non_blocking=True)
     return t.to("cpu", copy=True)
+
+
+def check_snapshot_dir(directory: Path) -> None:
+    """Refuse a ``snapshot_dir`` that cannot be made or written, before anything runs.
+
+    Raises:
+        OSError: naming ``snapshot_dir``, why, and the way around it.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"snapshot_dir={str(directory)!r} cannot be created ({err.strerror or err}); choose a writable "
+                      "snapshot_dir or use snapshot='memory'") from None
+    if not os.access(directory, os.W_OK):
+        raise PermissionError(f"snapshot_dir={str(directory)!r} is not writable; choose a writable snapshot_dir or "
+                              "use snapshot='memory'")
 
 
 def check_free_space(directory: Path, need: int) -> None:

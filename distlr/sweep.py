@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from distlr import distributed as D
-from distlr.backends.base import ITEMS, LOSS_SUM, SKIPPED, Backend
+from distlr.backends.base import ITEMS, LOSS_SUM, SAMPLES, SKIPPED, Backend
 from distlr.data import BatchStream
 from distlr.tracker import LossTracker, StopReason
 
@@ -34,6 +34,8 @@ class SweepHistory:
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+    """The global batch of each recorded step: samples summed over micro-batches and ranks."""
     stop_reason: StopReason = StopReason.COMPLETED
     diverged_at: int | None = None
     skipped_steps: int = 0
@@ -86,6 +88,7 @@ def run_sweep(
         diverged = tracker.update(loss)
         history.lrs.append(lr)
         history.losses.append(loss)
+        history.samples.append(int(values[SAMPLES]))
         if reporter is not None:
             reporter.step(index, lr, loss, tracker.smoothed[-1])
         if non_finite or diverged:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make .venv (if it is missing) and install distlr into it with its dev and DeepSpeed extras.
+# Make .venv (if it is missing) and install distlr into it with its dev, DeepSpeed and datasets extras.
 # torch is pinned through constraints.txt to the CPU wheel this machine carries; without the pin
 # pip would pull the newest CUDA build (several GB). Re-running is cheap: the install is skipped
 # while pyproject.toml and constraints.txt are unchanged.
@@ -13,6 +13,6 @@ want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing distlr and its dependencies into $venv (about a minute the first time)" >&2
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -c constraints.txt "torch==2.13.0" -e ".[dev,deepspeed]" 2> >(grep -v "^WARNING: Location" >&2)
+        -c constraints.txt "torch==2.13.0" -e ".[dev,deepspeed,data]" 2> >(grep -v "^WARNING: Location" >&2)
     echo "$want" > "$stamp"
 fi

@@ -378,7 +378,8 @@ def test_a_stalled_rank_ends_the_job_at_the_collective_timeout_with_a_message_no
                     "--output-dir", str(tmp_path / "run")], nproc=2, timeout=90,
                    env={"PYTHONPATH": str(Path(__file__).parent)})
     assert job.returncode not in (0, -9), job.explain()
-    assert "distlr: error: rank 0: the backward pass (with DDP's gradient all-reduce) of step 2 failed" in job.output
+    # Rank 1 hangs in its third forward, step 3 counted from 1 as the progress log counts.
+    assert "distlr: error: rank 0: the backward pass (with DDP's gradient all-reduce) of step 3 failed" in job.output
     assert "Timed out" in job.output and "[rank0]: Traceback" not in job.output, job.explain()
 
 

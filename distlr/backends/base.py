@@ -24,8 +24,8 @@ from distlr.snapshot import Snapshot
 # Layout of the packed per-step statistics that cross the one all-reduce of a step. There is no
 # separate non-finite flag: NaN and inf survive the sum, so the summed loss is non-finite exactly
 # when some rank's loss was.
-LOSS_SUM, ITEMS, SKIPPED = range(3)
-NUM_STATS = 3
+LOSS_SUM, ITEMS, SKIPPED, SAMPLES = range(4)
+NUM_STATS = 4
 
 
 class Backend(Protocol):
@@ -108,8 +108,9 @@ class LrRamp:
 class StepStats:
     """The packed statistics of one step, accumulated over its micro-batches on the device.
 
-    ``add`` takes each micro-batch's mean loss and its item count (samples, or tokens for a
-    language model); the step's loss is the item-weighted mean. Nothing here waits for the
+    ``add`` takes each micro-batch's mean loss, its item count (samples, or tokens for a
+    language model) and its sample count; the step's loss is the item-weighted mean, and the
+    summed samples over all ranks are the step's global batch. Nothing here waits for the
     device.
     """
 
@@ -118,11 +119,13 @@ class StepStats:
         self.tensor = torch.zeros(NUM_STATS, dtype=torch.float64, device=device)
         self._loss: torch.Tensor | None = None
         self._items: int | torch.Tensor = 0
+        self._samples = 0
 
-    def add(self, loss: torch.Tensor, items: int | torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, items: int | torch.Tensor, samples: int) -> None:
         weighted = loss.detach().float() * items
         self._loss = weighted if self._loss is None else self._loss + weighted
         self._items = self._items + items
+        self._samples += samples
 
     def finish(self, *, skipped: bool = False) -> torch.Tensor:
         """The packed tensor for this step; the accumulator is ready for the next one.
@@ -134,5 +137,6 @@ class StepStats:
         stats[LOSS_SUM].copy_(self._loss)
         stats[ITEMS] = self._items
         stats[SKIPPED] = float(skipped)
-        self._loss, self._items = None, 0
+        stats[SAMPLES] = self._samples
+        self._loss, self._items, self._samples = None, 0, 0
         return stats

@@ -102,7 +102,7 @@ class TorchBackend:
                     scaled = self.grad_scaler.scale(scaled)
                 with self._backward_sync(step):
                     scaled.backward()
-            self._stats.add(loss, items)
+            self._stats.add(loss, items, count_samples(batch))
         stats = self._stats.finish()
         self._optimizer_step(stats)
         return stats

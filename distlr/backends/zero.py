@@ -272,7 +272,7 @@ class DeepSpeedBackend:
             with D.communication(self.ctx, "backward pass (with ZeRO's gradient reduction)", step):
                 engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
                 engine.step()          # applies the update only at the accumulation boundary
-            self._stats.add(loss, items)
+            self._stats.add(loss, items, count_samples(batch))
         # fp16: DeepSpeed's loss scaler skips a step that overflowed; it is no point on the curve.
         return self._stats.finish(skipped=engine.skipped_steps > skipped_before)
 

@@ -213,6 +213,10 @@ def build_dataloader(cfg: RunConfig, built: BuiltModel | nn.Module) -> tuple[Any
                          token_dtype=cfg.token_dtype)
     _check_ids(cfg, corpus.tokens, built.model)
     dataset = PackedTokens(corpus.tokens, cfg.seq_len)
+    if len(dataset) < cfg.batch_size:
+        raise ValueError(f"data={cfg.data!r} gives {len(dataset)} sequence(s) of {cfg.seq_len} tokens, fewer than "
+                         f"batch_size={cfg.batch_size} (a last, partial batch is dropped); use a smaller --batch-size "
+                         "or --seq-len, or more data")
     collate = None
     if built.kind == "masked":
         tokenizer = built.tokenizer

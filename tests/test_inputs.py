@@ -302,6 +302,12 @@ def test_a_snapshot_dir_that_cannot_be_made_is_named_with_the_way_around_it():
     assert "snapshot_dir='/proc/distlr-x' cannot be created" in str(info.value) and "snapshot='memory'" in str(info.value)
 
 
+def test_data_too_short_for_one_batch_says_how_short(tmp_path, capsys):
+    (tmp_path / "tiny.txt").write_text("just a few words here")
+    code, _ = run(tmp_path, "--data", str(tmp_path / "tiny.txt"), "--seq-len", "8")
+    assert code == 2 and "gives 2 sequence(s) of 8 tokens, fewer than batch_size=4" in capsys.readouterr().err
+
+
 def test_sharding_that_leaves_a_rank_no_batch_says_so():
     loader = DataLoader(regression_data(n=20), batch_size=16, drop_last=True)
     with pytest.raises(ValueError, match=r"20 samples, shared by 2 ranks, give each rank 10: fewer than batch_size=16"):

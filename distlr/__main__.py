@@ -51,13 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     made: Path | None = None  # an output directory this run created, removed again if left empty
     try:
         session = start_session(cfg.device, dist_backend=cfg.dist_backend, dist_timeout=cfg.dist_timeout,
-                                for_deepspeed=cfg.deepspeed is not None)
+                                for_deepspeed=cfg.deepspeed is not None, require_group=cfg.fsdp)
         ctx = session.ctx
         is_main = ctx.is_main
         _seed_everything(cfg.seed)
         out_dir, made = _output_dir(cfg, ctx, config_file(argv))
         built = build(cfg.model, seq_len=cfg.seq_len)
         loader, inputs = build_dataloader(cfg, built)
+        if cfg.fsdp:
+            from distlr.backends.fsdp import shard
+
+            built.model = shard(built.model.to(ctx.device), ctx, amp=cfg.sweep.amp)
         optimizer, ds_config = build_trainable(cfg, built.model)
         with LRFinder(built.model, loader, optimizer, device=ctx.device, snapshot=cfg.snapshot,
                       snapshot_dir=cfg.snapshot_dir, find_unused_parameters=cfg.find_unused_parameters,

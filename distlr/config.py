@@ -58,6 +58,8 @@ class RunConfig:
     """Momentum (sgd only)."""
     deepspeed: str | None = None
     """A DeepSpeed config (JSON) to run under: ZeRO stage, precision, optimizer, batch sizes; "auto" values are filled from this run."""
+    fsdp: bool = False
+    """Shard the model with FSDP2 over the ranks, one unit per transformer block (as torchtitan does); with --amp bf16 the blocks compute in bf16."""
     # -- the run -----------------------------------------------------------------------------
     device: str = "auto"
     """auto (this rank's GPU if any, else CPU), cpu, cuda or cuda:N."""
@@ -109,6 +111,8 @@ class RunConfig:
             raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed; use a number >= 0")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum={self.momentum!r} is not allowed; use a number in [0, 1)")
+        if self.fsdp and self.deepspeed is not None:
+            raise ValueError("fsdp=True and deepspeed=... both shard the model; choose one")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise ValueError(f"deepspeed={self.deepspeed!r}: no such file (a DeepSpeed config JSON)")
         # Only the form: whether CUDA is there is for the rank that runs it to say.

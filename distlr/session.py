@@ -93,6 +93,7 @@ def start_session(
     dist_backend: str = "auto",
     dist_timeout: float = DEFAULT_TIMEOUT_S,
     for_deepspeed: bool = False,
+    require_group: bool = False,
 ) -> Session:
     """Join (or create) the job's process group and pick this rank's device.
 
@@ -105,6 +106,7 @@ def start_session(
         dist_timeout: seconds a collective may wait before the job fails (> 0).
         for_deepspeed: the session serves DeepSpeed: a one-process group is made even without a
             launcher (DeepSpeed needs one), and a group distlr makes is kept (see ``keep_group``).
+        require_group: make a one-process group without a launcher too (FSDP2 needs one).
 
     Raises:
         ValueError: a bad backend, timeout or device; SLURM without MASTER_ADDR/MASTER_PORT.
@@ -119,7 +121,7 @@ def start_session(
         return Session(DistContext(dist.get_rank(), local_rank, dist.get_world_size(), dev), owns_group=False,
                        launcher=info.launcher if info is not None else "user")
     info = launch_info()
-    if info is None and not for_deepspeed:
+    if info is None and not (for_deepspeed or require_group):
         return Session(DistContext(device=resolve_device(device, 0)))
     init_method = "env://"
     if info is None:

@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -214,6 +214,15 @@ def _single_rank_checkpoint() -> Iterator[None]:
         yield
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # Looked at by type name first: importing torch.distributed.tensor costs a second.
+    if type(t).__name__ != "DTensor":
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _named_tensors(model: nn.Module):
     # Parameters and every buffer (also non-persistent ones, which state_dict() leaves out).
     yield from model.named_parameters()
@@ -230,6 +239,8 @@ class TrainingSnapshot:
         lr_scheduler: optional LR scheduler to save and restore.
         grad_scaler: optional AMP ``GradScaler``.
         sampler: optional sampler whose ``epoch`` the sweep advances when it cycles the loader.
+        settle: called before the state is read or written back, to bring the model into its
+            resting layout (FSDP2: resharded, also after an error stopped a forward midway).
     """
 
     def __init__(
@@ -241,13 +252,16 @@ class TrainingSnapshot:
         lr_scheduler: Any | None = None,
         grad_scaler: Any | None = None,
         sampler: Any | None = None,
+        settle: Callable[[], None] | None = None,
     ) -> None:
         self.model, self.optimizer, self.store = model, optimizer, store
         self.lr_scheduler, self.grad_scaler, self.sampler = lr_scheduler, grad_scaler, sampler
+        self._settle = settle or (lambda: None)
         self._saved: dict[str, Any] | None = None
 
-    def _live(self) -> tuple[dict[str, torch.Tensor], Any]:
-        """This rank's tensors now, by key, and the optimizer state with tensors as TensorSpecs."""
+    def _live(self) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
+        """This rank's tensors now, by key (a DTensor's by its local shard, the part this rank
+        holds), the optimizer state with tensors as TensorSpecs, and the DTensors by key."""
         tensors: dict[str, torch.Tensor] = {}
         for name, tensor in _named_tensors(self.model):
             tensors[f"model/{name}"] = tensor.detach()
@@ -255,13 +269,19 @@ class TrainingSnapshot:
             if param.grad is not None:
                 tensors[f"grad/{name}"] = param.grad.detach()
         optimizer_tree = split_tensors(self.optimizer.state_dict(), "optimizer", tensors)
-        return tensors, optimizer_tree
+        dtensors = {key: t for key, t in tensors.items() if _is_dtensor(t)}
+        # FSDP2 and other DTensor state: only the local shard is stored and put back, in place
+        # (to_local() is a view of it), so no rank ever copies the whole tensor.
+        tensors.update({key: t.to_local() for key, t in dtensors.items()})
+        return tensors, optimizer_tree, dtensors
 
     def take(self) -> None:
-        tensors, optimizer_tree = self._live()
+        self._settle()
+        tensors, optimizer_tree, dtensors = self._live()
         self.store.put(tensors)
         self._saved = {
             "specs": _specs(tensors),
+            "dtensors": {key: (t.device_mesh, t.placements, t.shape, t.stride()) for key, t in dtensors.items()},
             "grads": {name: p.grad is not None for name, p in self.model.named_parameters()},
             "optimizer": optimizer_tree,
             "training": {name: m.training for name, m in self.model.named_modules()},
@@ -274,7 +294,8 @@ class TrainingSnapshot:
     def restore(self) -> None:
         saved = self._saved
         assert saved is not None, "restore() before take()"
-        live, _ = self._live()
+        self._settle()
+        live, _, live_dtensors = self._live()
         # Load straight into every live tensor that still has the saved shape and dtype (the
         # usual case after a sweep); only what is missing now (a gradient that was freed,
         # optimizer state that was dropped) gets a new tensor.
@@ -282,22 +303,25 @@ class TrainingSnapshot:
         for key, (shape, dtype) in saved["specs"].items():
             tensor = live.get(key)
             targets[key] = tensor if tensor is not None and tensor.shape == shape and tensor.dtype == dtype else None
-        tensors = self.store.load_into(targets)
+        local = self.store.load_into(targets)
+        # As the optimizer and the parameters hold them: a DTensor around each restored shard.
+        full = {key: self._as_saved(key, value, live, live_dtensors) for key, value in local.items()}
         with torch.no_grad():
-            for name, tensor in _named_tensors(self.model):
-                loaded = tensors[f"model/{name}"]
-                if loaded is not tensor:
-                    tensor.copy_(loaded)
+            for name, _ in _named_tensors(self.model):
+                key = f"model/{name}"
+                if local[key] is not live[key]:
+                    live[key].copy_(local[key])
             for name, param in self.model.named_parameters():
+                key = f"grad/{name}"
                 if not saved["grads"][name]:
                     param.grad = None
-                elif tensors[f"grad/{name}"] is not param.grad:
-                    param.grad = tensors[f"grad/{name}"].to(param.device)
+                elif local[key] is not live.get(key):
+                    param.grad = full[key].to(param.device)
         for name, module in self.model.named_modules():
             module.training = saved["training"][name]
         # The tensors are the live state itself or new ones the optimizer may keep; never the
         # snapshot's own, which must survive for the next reset().
-        self.optimizer.load_state_dict(join_tensors(saved["optimizer"], tensors))
+        self.optimizer.load_state_dict(join_tensors(saved["optimizer"], full))
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(copy.deepcopy(saved["lr_scheduler"]))
         if self.grad_scaler is not None:
@@ -305,6 +329,21 @@ class TrainingSnapshot:
         if saved["sampler_epoch"] is not None:
             self.sampler.epoch = saved["sampler_epoch"]
         saved["rng"].restore()
+
+    def _as_saved(self, key: str, value: torch.Tensor, live: dict[str, torch.Tensor],
+                  live_dtensors: dict[str, Any]) -> Any:
+        """``value`` (a restored local tensor) as the state holds it: the live DTensor when the
+        shard was restored into it in place, a new DTensor around it otherwise."""
+        meta = self._saved["dtensors"].get(key)  # type: ignore[index]
+        if meta is None:
+            return value
+        if key in live_dtensors and value is live.get(key):
+            return live_dtensors[key]
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = meta
+        return DTensor.from_local(value.to(mesh.device_type), mesh, placements, shape=shape, stride=stride,
+                                  run_check=False)
 
     def discard(self) -> None:
         self.store.clear()

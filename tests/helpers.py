@@ -45,18 +45,24 @@ def regression_data(n: int = 256, n_in: int = 8, seed: int = 0) -> TensorDataset
     return TensorDataset(x, x @ w + 0.1 * torch.randn(n, generator=g))
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard (no collective), else the tensor."""
+    return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
 def fingerprint(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Every bit a restore must bring back: parameters, buffers, grads, optimizer state and
-    settings, and the next draw of every RNG (taken without consuming it)."""
-    fp = {f"param/{k}": v.detach().clone() for k, v in model.named_parameters()}
-    fp.update({f"buffer/{k}": v.detach().clone() for k, v in model.named_buffers()})
-    fp.update({f"grad/{k}": None if v.grad is None else v.grad.clone() for k, v in model.named_parameters()})
+    settings, and the next draw of every RNG (taken without consuming it). For sharded
+    (DTensor) state, this rank's shards."""
+    fp = {f"param/{k}": _local(v.detach()).clone() for k, v in model.named_parameters()}
+    fp.update({f"buffer/{k}": _local(v.detach()).clone() for k, v in model.named_buffers()})
+    fp.update({f"grad/{k}": None if v.grad is None else _local(v.grad).clone() for k, v in model.named_parameters()})
     fp["training"] = [m.training for m in model.modules()]
     if optimizer is not None:
         sd = optimizer.state_dict()
         for pid, state in sd["state"].items():
             for key, value in state.items():
-                fp[f"opt/{pid}/{key}"] = value.clone() if isinstance(value, torch.Tensor) else value
+                fp[f"opt/{pid}/{key}"] = _local(value).clone() if isinstance(value, torch.Tensor) else value
         fp["opt/groups"] = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
     fp["rng/torch"] = torch.get_rng_state().clone()
     # NumPy's whole state: the key, the position in it and the cached Gaussian, not the key alone.

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from distlr import LRFinder, find_optimal_lr
+from distlr import LRFinder, LRFinderResult, find_optimal_lr
 from helpers import (EQUIV, RANK, Faulty, Scenarios, disk_looks_full_on, equivalence_run, errors_of, launch, mlp, mse,
                      read_ranks, regression_data, state_digest, torchrun)
 
@@ -91,6 +91,25 @@ def collectives(out: Path) -> dict:
                     setattr(dist, name, fn)
             per_run[steps] = dict(counts)
     return per_run
+
+
+@scenarios
+def fsdp2(out: Path, accumulation: str) -> dict:
+    """The equivalence sweep with an FSDP2 model (each Linear a unit, then the root): each
+    rank holds half of every parameter. With accumulation, 2 micro-batches of 4 per rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    steps = int(accumulation)
+    loader = DataLoader(regression_data(n=1536), batch_size=8 // steps, shuffle=False)
+    with LRFinder(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), mse, device="cpu") as finder:
+        result = finder.find(**EQUIV, accumulation_steps=steps).to_dict()
+    local = [p.to_local().numel() for p in model.parameters()]
+    return {"result": result, "local": local, "full": [p.numel() for p in model.parameters()]}
 
 
 @scenarios
@@ -233,7 +252,7 @@ def bad_inputs(out: Path) -> dict:
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
     job = launch(MODULE, out, ["equivalence", "injected", "short_shard", "collectives", "arguments_differ",
-                               "own_error_mentions_a_timeout", "bad_inputs"])
+                               "own_error_mentions_a_timeout", "bad_inputs", "fsdp2:1", "fsdp2:2"])
     assert job.returncode == 0, job.explain()
     return out
 
@@ -275,6 +294,31 @@ def test_rank_dependent_losses_are_averaged_and_every_rank_agrees(two_ranks):
     # Each rank's loss carries 0.01 * (rank + 1); the recorded loss is the mean over ranks.
     assert results[0]["losses"] == pytest.approx([(a + b) / 2 for a, b in zip(local0, local1)], rel=1e-12)
     assert len(results[0]["smoothed_losses"]) == len(results[0]["losses"]) == 15
+
+
+@pytest.mark.parametrize("accumulation", ["1", "2"])
+def test_an_fsdp2_model_records_the_curve_of_one_process_from_its_shards(two_ranks, accumulation):
+    ranks = read_ranks(two_ranks, f"fsdp2:{accumulation}")
+    assert ranks[0]["result"] == ranks[1]["result"]
+    # Each rank holds its own rows of every parameter (dim 0 split between the ranks).
+    assert [a + b for a, b in zip(ranks[0]["local"], ranks[1]["local"])] == ranks[0]["full"]
+    assert ranks[0]["local"] != ranks[0]["full"]
+    result, reference = ranks[0]["result"], equivalence_run(batch_size=16)
+    k = reference["diverged_at"]
+    assert result["diverged_at"] == k and result["global_batch_size"] == 16
+    assert result["accumulation_steps"] == int(accumulation)
+    # Reduce-scatter sums in another order than one process: agreement to 1e-4 relative.
+    assert result["losses"][:k] == pytest.approx(reference["losses"][:k], rel=1e-4)
+
+
+def test_the_cli_shards_a_hugging_face_model_with_fsdp_and_bf16(tmp_path):
+    out = tmp_path / "run"
+    job = torchrun(["-m", "distlr", "--fsdp", "--amp", "bf16", "--num-steps", "30", "--batch-size", "8",
+                    "--no-progress", "--output-dir", str(out)], nproc=2)
+    assert job.returncode == 0, job.explain()
+    result = LRFinderResult.load(out / "result.json")
+    assert result.world_size == 2 and result.global_batch_size == 16 and result.steps_run >= 5
+    assert all(math.isfinite(x) for x in result.losses[:5])
 
 
 def test_the_users_group_and_sampler_are_used_as_they_are(three_ranks):

@@ -1,5 +1,7 @@
 """Exact restore, as a matrix: every exit path x every backend x both snapshot stores.
 
+Backends: one process, DDP, FSDP2 (each rank keeps and restores its own shards), ZeRO-1/2/3.
+
 After the sweep, each rank's parameters, buffers, gradients, optimizer state and param-group
 settings, LR scheduler, GradScaler (DeepSpeed: partitions, fp32 masters, loss scaler and step
 counters), train/eval flags and RNG streams are bit-identical to what they were before it.
@@ -29,7 +31,7 @@ from helpers import (RANK, Boom, Faulty, RegressionNet, Scenarios, deepspeed_eng
 pytestmark = pytest.mark.timeout(600)
 MODULE = "test_restore_matrix"
 EXITS = ("normal_end", "divergence", "exception", "keyboard_interrupt", "nan_one_rank")
-BACKENDS = ("single", "ddp", "zero1", "zero2", "zero3")
+BACKENDS = ("single", "ddp", "fsdp2", "zero1", "zero2", "zero3")
 SNAPSHOTS = ("memory", "disk")
 FAULTS = {"exception": "boom", "keyboard_interrupt": "interrupt", "nan_one_rank": "nan"}
 EXPECTED_OUTCOME = {"normal_end": "completed", "divergence": "diverged", "exception": "Boom",
@@ -54,14 +56,23 @@ def cell(out: Path, backend: str, exit_path: str, snapshot: str) -> dict:
     model = Faulty(inner, rank=fault_rank, at=7, mode=fault) if fault else inner
     loader = DataLoader(regression_data(), batch_size=8, shuffle=True)
     snap_dir = out / f"matrix-{backend}-{exit_path}-{snapshot}"
-    if backend in ("single", "ddp"):
+    if backend == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        # Each Linear its own unit, then the root: the BatchNorm's parameters sit in the root's.
+        for layer in inner.body:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+    if backend in ("single", "ddp", "fsdp2"):
         optimizer = torch.optim.AdamW([
             {"params": inner.body[0].parameters(), "lr": 1e-3},
             {"params": list(inner.body[1].parameters()) + list(inner.body[4].parameters()), "lr": 5e-4,
              "betas": (0.8, 0.9)},
         ])
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
-        warm_up(inner, optimizer, loader)
+        # Through the FSDP2 root, whose hooks gather the parameters it holds (the BatchNorm's).
+        warm_up(model if backend == "fsdp2" else inner, optimizer, loader)
         scheduler.step()
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
         inner.eval()  # the sweep trains; the user's eval mode must come back

@@ -1,8 +1,9 @@
 """Backends: how one optimizer step of the sweep runs on a given kind of model.
 
 ``make_backend`` picks and builds one; the facade and the sweep use it only through
-``Backend`` (``distlr.backends.base``). Adding a backend means adding one module here and one
-branch in ``make_backend``. DeepSpeed is imported only when a DeepSpeed engine or config is
+``Backend`` (``distlr.backends.base``): ``ddp`` (a plain or DDP model), ``fsdp`` (FSDP2),
+``zero`` (DeepSpeed). Adding a backend means adding one module here and one branch in
+``make_backend``. DeepSpeed is imported only when a DeepSpeed engine or config is
 given.
 """
 
@@ -74,6 +75,10 @@ def make_backend(spec: BackendSpec, args: SweepArgs) -> Backend:
         from distlr.backends.zero import DeepSpeedBackend
 
         return DeepSpeedBackend(spec, args)
+    from distlr.backends import fsdp
+
+    if fsdp.is_fsdp2(spec.model):
+        return fsdp.make(spec)
     from distlr.backends.ddp import TorchBackend
 
     return TorchBackend(spec)

@@ -1,8 +1,9 @@
 """A plain PyTorch model with a torch optimizer, in one process or data-parallel under DDP.
 
 Under a launcher with several ranks the model is wrapped in ``DistributedDataParallel``
-(unless it already is DDP or FSDP), so gradients are averaged in ``backward``; the user's
-module, not the wrapper, is what the snapshot keeps.
+(unless it already is data-parallel), so gradients are averaged in ``backward``; the user's
+module, not the wrapper, is what the snapshot keeps. How gradients are synchronised is a
+``GradientSync``: DDP's here, FSDP2's in ``distlr.backends.fsdp``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import gc
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,6 +26,38 @@ from distlr.result import LRFinderResult
 from distlr.snapshot import DiskStore, HostStore, Snapshot, TrainingSnapshot
 
 _NULL = contextlib.nullcontext()  # stateless and reentrant: one serves every step
+
+
+class GradientSync(Protocol):
+    """How a model averages its gradients over the ranks, as the micro-batch loop needs it."""
+
+    what: str
+    """The backward pass as a failure names it (it carries the model's collectives)."""
+    precision: str | None
+    """"bf16"/"fp16" when the model itself computes in that precision (FSDP2's mixed-precision
+    policy), else None (``amp`` is then autocast)."""
+
+    def defer(self, last: bool) -> contextlib.AbstractContextManager:
+        """The context of one micro-batch: synchronise only in the last one."""
+
+    def settle(self) -> None:
+        """Bring the model into its resting layout before its state is read or put back."""
+
+
+class DDPSync:
+    """DDP (or FSDP1): ``no_sync()`` for every micro-batch but the last."""
+
+    what = "backward pass (with DDP's gradient all-reduce)"
+    precision = None
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def defer(self, last: bool) -> contextlib.AbstractContextManager:
+        return _NULL if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+
+    def settle(self) -> None:
+        return None
 
 
 def check_args(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -47,7 +80,7 @@ class TorchBackend:
 
     total_steps_hint: int | None = None
 
-    def __init__(self, spec: BackendSpec) -> None:
+    def __init__(self, spec: BackendSpec, *, sync: GradientSync | None = None) -> None:
         self.ctx, self.criterion = spec.ctx, spec.criterion
         self.device = spec.ctx.device
         self.module = spec.model
@@ -57,6 +90,7 @@ class TorchBackend:
         # everyone's (as DDP always does).
         self.model = wrap_for_data_parallel(spec.model, spec.ctx, spec.find_unused_parameters)
         self._data_parallel = spec.ctx.distributed and is_data_parallel(self.model)
+        self._sync = sync or DDPSync(self.model)
         self.causal_lm = is_causal_lm(spec.model)
         self._ramp = LrRamp(self.optimizer)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -67,6 +101,10 @@ class TorchBackend:
         self.amp, self.max_grad_norm, self.grad_scaler = "no", None, None
 
     def configure(self, args: SweepArgs) -> None:
+        precision = self._sync.precision
+        if precision is not None and args.amp not in ("no", precision):
+            raise ValueError(f"amp={args.amp!r} but the model computes in {precision} by itself (its FSDP "
+                             "MixedPrecisionPolicy); pass amp='no' or amp=" + repr(precision))
         if args.amp == "fp16" and self.device.type != "cuda":
             raise ValueError(f"amp='fp16' needs a CUDA device (it uses a GradScaler); device is {self.device}. "
                              "Use amp='bf16' or amp='no' on the CPU")
@@ -91,9 +129,8 @@ class TorchBackend:
             if self.micro_batch_size is None:  # the first batch: checked once, not every step
                 check_batch_fits(self.module, batch, self.criterion)
                 self.micro_batch_size = count_samples(batch)
-            # DDP would all-reduce gradients after every micro-batch; only the last one needs it.
-            defer_sync = i < n - 1 and hasattr(self.model, "no_sync")
-            with self.model.no_sync() if defer_sync else _NULL:
+            # DDP or FSDP would reduce gradients after every micro-batch; only the last one needs it.
+            with self._sync.defer(last=i == n - 1):
                 with self._autocast():
                     loss = compute_loss(self.model, batch, self.criterion)
                 # The gradient is the mean over micro-batches, as one big batch would give.
@@ -112,7 +149,7 @@ class TorchBackend:
         # failed communication. The forward stays outside, so the model's own errors keep theirs.
         if not self._data_parallel:
             return _NULL
-        return D.communication(self.ctx, "backward pass (with DDP's gradient all-reduce)", step)
+        return D.communication(self.ctx, self._sync.what, step)
 
     def _optimizer_step(self, stats: torch.Tensor) -> None:
         scaler = self.grad_scaler
@@ -132,7 +169,7 @@ class TorchBackend:
         stats[SKIPPED] = float(scaler.get_scale() < before)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp == "no":
+        if self.amp == "no" or self._sync.precision is not None:  # the model casts by itself
             return _NULL
         dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
@@ -141,7 +178,7 @@ class TorchBackend:
         """This rank's state in host memory, or in a DCP directory of its own beside ``directory``."""
         store = HostStore() if mode == "memory" else DiskStore(directory.with_name(f"{directory.name}-rank{self.ctx.rank}"))
         return TrainingSnapshot(self.module, self.optimizer, store, lr_scheduler=self.lr_scheduler,
-                                grad_scaler=self.user_grad_scaler, sampler=sampler)
+                                grad_scaler=self.user_grad_scaler, sampler=sampler, settle=self._sync.settle)
 
     def add_to_result(self, result: LRFinderResult) -> None:
         return None

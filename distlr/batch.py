@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 Criterion = Callable[[Any, Any], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+"""``loss_fn(model, batch) -> scalar loss``: the whole loss of one micro-batch, forward included."""
 IGNORE_INDEX = -100  # the label value Hugging Face and nn.CrossEntropyLoss skip
 
 
@@ -163,14 +165,18 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
     return None
 
 
-def compute_loss(model: nn.Module, batch: Any, criterion: Criterion | None) -> torch.Tensor:
-    """Run the forward pass and return the scalar loss of one (micro-)batch.
+def compute_loss(model: nn.Module, batch: Any, criterion: Criterion | None,
+                 loss_fn: LossFn | None = None) -> torch.Tensor:
+    """Run the forward pass and return the scalar loss of one (micro-)batch (``loss_fn(model,
+    batch)`` when one is given: it runs the forward itself).
 
     Raises:
         TypeError: the batch or the model output has no loss distlr can find; the message says
             what to pass instead.
     """
-    if criterion is not None:
+    if loss_fn is not None:
+        loss = loss_fn(model, batch)
+    elif criterion is not None:
         inputs, targets = split_inputs_targets(batch)
         output = _call(model, inputs)
         if not isinstance(output, torch.Tensor) and hasattr(output, "logits"):

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
 from distlr.distributed import DistContext
@@ -47,6 +48,7 @@ class BatchStream:
     def __init__(self, loader: Iterable[Any], *, warn: Callable[[str], None] | None = None) -> None:
         self.loader = loader
         self.cycled = False
+        self._before = _LoaderState.capture(loader)
         self._warn = warn or logger.warning
         # Made on the first fetch, not here: a DataLoader draws its shuffle seed from the torch RNG
         # when its iterator is created, and that must happen after the snapshot.
@@ -78,6 +80,12 @@ class BatchStream:
         """The next ``n`` batches: the micro-batches of one optimizer step."""
         return [self.next() for _ in range(n)]
 
+    def close(self) -> None:
+        """Leave the loader as the sweep found it (``_LoaderState``)."""
+        began = self._it is not None
+        self._it = None
+        self._before.restore(self.loader, began=began)
+
     def _new_epoch(self) -> Any:
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -99,6 +107,40 @@ class BatchStream:
         return batch
 
 
+class _LoaderState:
+    """What reading a loader changes besides the global RNG, which the snapshot restores: the
+    private ``torch.Generator`` of the loader and its samplers (the next shuffle order), and an
+    Accelerate loader's ``iteration`` count (the epoch its sampler is seeded with), its
+    ``end_of_dataloader`` flag and its registration with Accelerate's gradient state, made when
+    its iteration began and undone only when an epoch runs to its end."""
+
+    def __init__(self, generators: list[tuple[torch.Generator, torch.Tensor]], attrs: dict[str, Any]) -> None:
+        self.generators, self.attrs = generators, attrs
+
+    @classmethod
+    def capture(cls, loader: Any) -> _LoaderState:
+        holders = [loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+                   getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+        generators = []
+        for holder in holders:
+            generator = getattr(holder, "generator", None)
+            if isinstance(generator, torch.Generator) and all(generator is not g for g, _ in generators):
+                generators.append((generator, generator.get_state()))
+        attrs = {name: getattr(loader, name) for name in ("iteration", "end_of_dataloader")
+                 if isinstance(getattr(loader, name, None), (bool, int))}
+        return cls(generators, attrs)
+
+    def restore(self, loader: Any, *, began: bool) -> None:
+        for generator, state in self.generators:
+            generator.set_state(state)
+        end = getattr(loader, "end", None)
+        references = getattr(getattr(loader, "gradient_state", None), "dataloader_references", None)
+        if began and callable(end) and references is not None and loader in references:
+            end()  # Accelerate: the loader's iteration is over
+        for name, value in self.attrs.items():
+            setattr(loader, name, value)
+
+
 def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
     """A loader that reads only this rank's shard of the data.
 
@@ -110,6 +152,8 @@ def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
     """
     if not ctx.distributed:
         return loader
+    if type(loader).__module__.startswith("accelerate"):
+        return loader  # prepared by Accelerate: it shards (or dispatches) already
     if isinstance(loader, DataLoader) and isinstance(loader.sampler, DistributedSampler):
         _check_shard(loader, ctx)
     if not isinstance(loader, DataLoader):

@@ -23,7 +23,7 @@ from distlr import backends
 from distlr import distributed as D
 from distlr.analysis import build_result
 from distlr.args import DEFAULTS, SweepArgs
-from distlr.batch import Criterion
+from distlr.batch import Criterion, LossFn
 from distlr.choices import SNAPSHOT_MODES, AmpMode, SnapshotMode, StepMode, SuggestionMethod, check_choice
 from distlr.data import BatchStream, check_loader, shard_loader
 from distlr.ladder import lr_ladder
@@ -72,6 +72,10 @@ class LRFinder:
             none (the same on every rank).
         deepspeed_config: a DeepSpeed config (a JSON file or a dict): the first ``find()``
             builds the engine from it, resolving its "auto" values from that sweep's arguments.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``, the whole loss of one micro-batch,
+            forward included, in place of the model's own loss or ``criterion`` (a Hugging Face
+            Trainer's ``compute_loss``, for instance). ``model`` is what trains: the DDP
+            wrapper or the DeepSpeed engine under a launcher.
 
     Under torchrun every rank constructs the finder and calls ``find()``: the model is wrapped
     in DDP (unless it already is DDP/FSDP), the loader gets a ``DistributedSampler`` (unless it
@@ -106,6 +110,7 @@ class LRFinder:
         dist_timeout: float = DEFAULT_TIMEOUT_S,
         data_seed: int = 0,
         deepspeed_config: str | Path | dict[str, Any] | None = None,
+        loss_fn: LossFn | None = None,
     ) -> None:
         self._session = start_session(device, dist_backend=dist_backend, dist_timeout=dist_timeout,
                                       for_deepspeed=backends.needs_process_group(model, deepspeed_config))
@@ -115,7 +120,7 @@ class LRFinder:
             # The same error on every rank, before any rank enters DDP's or DeepSpeed's collectives.
             snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else Path(tempfile.gettempdir())
             with D.agree_on_failure(self.ctx):
-                _check_constructor_args(model, train_dataloader, optimizer, criterion, snapshot)
+                _check_constructor_args(model, train_dataloader, optimizer, criterion, snapshot, loss_fn)
                 backends.check_args(model, optimizer, deepspeed_config)
                 ds_config = backends.read_deepspeed_config(deepspeed_config)
                 if snapshot == "disk":
@@ -127,7 +132,7 @@ class LRFinder:
             self._session.close()
             raise
         self._spec = backends.BackendSpec(
-            model=model, optimizer=optimizer, criterion=criterion, ctx=self.ctx, lr_scheduler=lr_scheduler,
+            model=model, optimizer=optimizer, criterion=criterion, loss_fn=loss_fn, ctx=self.ctx, lr_scheduler=lr_scheduler,
             grad_scaler=grad_scaler, find_unused_parameters=find_unused_parameters, deepspeed_config=ds_config,
             micro_batch_hint=getattr(train_dataloader, "batch_size", None))
         self._backend: backends.Backend | None = None
@@ -221,6 +226,7 @@ class LRFinder:
             try:
                 history = run_sweep(backend, stream, ladder, tracker, self.ctx, reporter=reporter)
             finally:
+                stream.close()
                 if reporter is not None:
                     reporter.close()
                 # A restore, once begun, is finished before a second Ctrl-C or a SIGTERM is let through.
@@ -342,7 +348,8 @@ def _provenance(launcher: str, world_size: int) -> dict[str, Any]:
     return {**versions, "launcher": launcher, "world_size": world_size}
 
 
-def _check_constructor_args(model: Any, loader: Any, optimizer: Any, criterion: Any, snapshot: Any) -> None:
+def _check_constructor_args(model: Any, loader: Any, optimizer: Any, criterion: Any, snapshot: Any,
+                            loss_fn: Any = None) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_loader(loader)
@@ -350,7 +357,27 @@ def _check_constructor_args(model: Any, loader: Any, optimizer: Any, criterion: 
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if criterion is not None and not callable(criterion):
         raise TypeError(f"criterion must be callable (criterion(output, targets)) or None, got {criterion!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (loss_fn(model, batch) -> loss) or None, got {loss_fn!r}")
+    if loss_fn is not None and criterion is not None:
+        raise ValueError("criterion=... and loss_fn=... were both given; loss_fn computes the whole loss: pass one")
+    _check_optimizer_kind(optimizer)
     check_choice("snapshot", snapshot, SNAPSHOT_MODES)
+
+
+UNRAMPABLE = ("LOMO", "AdaLomo", "ScheduleFree", "GaLore")
+"""Optimizers whose learning rate does not live in their param groups the ordinary way (LOMO
+and AdaLomo step inside backward, schedule-free ones average their iterates and need their own
+train/eval switch, layer-wise GaLore keeps one optimizer per parameter), so a ramp over
+``param_groups`` would not be what they train with."""
+
+
+def _check_optimizer_kind(optimizer: Any) -> None:
+    name = type(optimizer).__name__
+    for kind in UNRAMPABLE:
+        if kind.lower() in name.lower():
+            raise ValueError(f"optimizer {name} cannot be ramped: its learning rate does not live in param_groups "
+                             f"the way a range test sets it ({kind}); run the range test with AdamW or SGD")
 
 
 def _check_display_args(*, progress: Any, log_every: Any) -> None:

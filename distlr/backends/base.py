@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from distlr.args import SweepArgs
-from distlr.batch import Criterion
+from distlr.batch import Criterion, LossFn
 from distlr.choices import SnapshotMode
 from distlr.distributed import DistContext
 from distlr.result import LRFinderResult
@@ -72,6 +72,7 @@ class BackendSpec:
     optimizer: torch.optim.Optimizer | None
     criterion: Criterion | None
     ctx: DistContext
+    loss_fn: LossFn | None = None
     lr_scheduler: Any | None = None
     grad_scaler: Any | None = None
     find_unused_parameters: bool = False

@@ -81,7 +81,7 @@ class TorchBackend:
     total_steps_hint: int | None = None
 
     def __init__(self, spec: BackendSpec, *, sync: GradientSync | None = None) -> None:
-        self.ctx, self.criterion = spec.ctx, spec.criterion
+        self.ctx, self.criterion, self.loss_fn = spec.ctx, spec.criterion, spec.loss_fn
         self.device = spec.ctx.device
         self.module = spec.model
         self.optimizer = spec.optimizer or torch.optim.AdamW([p for p in spec.model.parameters() if p.requires_grad])
@@ -127,12 +127,13 @@ class TorchBackend:
             batch = prepare_batch(raw, self.device, causal_lm=self.causal_lm, has_criterion=self.criterion is not None)
             items = count_items(batch, causal_lm=self.causal_lm)
             if self.micro_batch_size is None:  # the first batch: checked once, not every step
-                check_batch_fits(self.module, batch, self.criterion)
+                if self.loss_fn is None:  # a loss_fn calls the model its own way
+                    check_batch_fits(self.module, batch, self.criterion)
                 self.micro_batch_size = count_samples(batch)
             # DDP or FSDP would reduce gradients after every micro-batch; only the last one needs it.
             with self._sync.defer(last=i == n - 1):
                 with self._autocast():
-                    loss = compute_loss(self.model, batch, self.criterion)
+                    loss = compute_loss(self.model, batch, self.criterion, self.loss_fn)
                 # The gradient is the mean over micro-batches, as one big batch would give.
                 scaled = loss if n == 1 else loss / n
                 if self.grad_scaler is not None:

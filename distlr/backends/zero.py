@@ -212,6 +212,7 @@ class DeepSpeedBackend:
 
     def __init__(self, spec: BackendSpec, args: SweepArgs) -> None:
         self.ctx, self.criterion, self.device = spec.ctx, spec.criterion, spec.ctx.device
+        self.loss_fn = spec.loss_fn
         if is_deepspeed_engine(spec.model):
             self.engine = spec.model
             self.user_config = spec.deepspeed_config if spec.deepspeed_config is not None else dict(spec.model.config)
@@ -266,9 +267,10 @@ class DeepSpeedBackend:
             batch = cast_floating_inputs(batch, self.dtype, has_criterion=self.criterion is not None)
             items = count_items(batch, causal_lm=self.causal_lm)
             if self.micro_batch_size is None:  # the first batch: checked once, not every step
-                check_batch_fits(engine.module, batch, self.criterion)
+                if self.loss_fn is None:  # a loss_fn calls the model its own way
+                    check_batch_fits(engine.module, batch, self.criterion)
                 self.micro_batch_size = count_samples(batch)
-            loss = compute_loss(engine, batch, self.criterion)
+            loss = compute_loss(engine, batch, self.criterion, self.loss_fn)
             with D.communication(self.ctx, "backward pass (with ZeRO's gradient reduction)", step):
                 engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
                 engine.step()          # applies the update only at the accumulation boundary

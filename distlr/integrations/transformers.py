@@ -1,0 +1,221 @@
+"""The range test inside a Hugging Face ``Trainer``: its loader, optimizer, loss, precision,
+accumulation, clipping and DeepSpeed config, with everything it touches put back.
+
+    from distlr.integrations.transformers import find_lr
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    result = find_lr(trainer, apply=True)     # before trainer.train()
+    trainer.train()                           # at the suggested learning rate
+
+What it uses, as the Trainer would: ``get_train_dataloader()`` (already sharded by the
+Trainer's Accelerate; never sharded again), ``create_optimizer()`` (its weight-decay groups and
+any subclass override), ``compute_loss`` (label smoothing, ``compute_loss_func``), and from
+``TrainingArguments``: ``gradient_accumulation_steps``, ``max_grad_norm``, ``bf16``/``fp16``
+and ``deepspeed`` (the config the Trainer resolved from them).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from transformers import TrainerCallback
+
+from distlr.finder import LRFinder
+from distlr.result import LRFinderResult
+
+logger = logging.getLogger(__name__)
+
+UNRAMPABLE_OPTIM = ("lomo", "adalomo", "schedule_free", "layerwise", "apollo")
+"""``TrainingArguments.optim`` values whose learning rate does not live in param groups the
+way a range test sets it: LOMO and AdaLomo step inside backward, schedule-free optimizers
+average their iterates, the layer-wise variants (GaLore, APOLLO) keep one optimizer per
+parameter and step in hooks."""
+
+
+def find_lr(trainer: Any, *, apply: bool = False, **find_kwargs: Any) -> LRFinderResult:
+    """Run the range test with a ``transformers.Trainer``'s own parts; call it before ``train()``.
+
+    Args:
+        trainer: the ``Trainer`` (or a subclass: its ``compute_loss`` and ``create_optimizer``
+            are used).
+        apply: put the result into the trainer: ``args.learning_rate`` (the one-cycle /
+            warmup-cosine peak for a decaying schedule, the constant LR for a constant one),
+            warmup from the schedule recommendation if the arguments have none, and the
+            trainer's optimizer and scheduler cleared so that ``train()`` builds them with it.
+            Under DeepSpeed the Hugging Face DeepSpeed config is rebuilt from the new arguments,
+            as the Trainer does for a hyper-parameter search.
+        **find_kwargs: ``LRFinder.find()`` arguments (``min_lr``, ``max_lr``, ``num_steps``, ...).
+            Accumulation, clipping and precision come from ``trainer.args`` unless given.
+
+    Returns:
+        The ``LRFinderResult``, identical on every rank.
+
+    Raises:
+        ValueError: an optimizer whose LR cannot be ramped (``UNRAMPABLE_OPTIM``), or
+            arguments that contradict ``trainer.args``.
+
+    Example:
+        >>> result = find_lr(trainer, apply=True, num_steps=100)  # doctest: +SKIP
+        >>> trainer.train()                                        # doctest: +SKIP
+    """
+    args = trainer.args
+    optim = str(getattr(args.optim, "value", args.optim)).lower()
+    if any(word in optim for word in UNRAMPABLE_OPTIM):
+        raise ValueError(f"TrainingArguments.optim={optim!r} cannot be ramped: its learning rate does not live in "
+                         "param_groups the way a range test sets it; run find_lr with optim='adamw_torch'")
+    touched = _Touched.capture(trainer)
+    try:
+        kwargs = _find_kwargs(trainer, find_kwargs)
+        deepspeed_config = _deepspeed_config(args)
+        optimizer = None
+        if deepspeed_config is None or "optimizer" not in deepspeed_config:
+            optimizer = trainer.create_optimizer()  # the Trainer's groups (no decay on norms, biases)
+        with LRFinder(trainer.model, trainer.get_train_dataloader(), optimizer,
+                      loss_fn=lambda model, batch: trainer.compute_loss(model, batch),
+                      deepspeed_config=deepspeed_config) as finder:
+            result = finder.find(**kwargs)
+    finally:
+        touched.restore(trainer)
+    if apply:
+        apply_result(trainer, result)
+    return result
+
+
+def _find_kwargs(trainer: Any, given: dict[str, Any]) -> dict[str, Any]:
+    args = trainer.args
+    kwargs = dict(given)
+    kwargs.setdefault("accumulation_steps", int(args.gradient_accumulation_steps))
+    if args.max_grad_norm and args.max_grad_norm > 0:
+        kwargs.setdefault("max_grad_norm", float(args.max_grad_norm))
+    kwargs.setdefault("amp", "bf16" if args.bf16 else "fp16" if args.fp16 else "no")
+    if "total_steps" not in kwargs:
+        kwargs["total_steps"] = _training_steps(trainer)
+    if getattr(args, "deepspeed", None):
+        # With DeepSpeed the config decides accumulation, clipping and precision.
+        for key in ("accumulation_steps", "max_grad_norm", "amp"):
+            if key not in given:
+                kwargs.pop(key, None)
+    return kwargs
+
+
+def _training_steps(trainer: Any) -> int | None:
+    """The optimizer steps ``train()`` will run, as the Trainer counts them."""
+    args = trainer.args
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    try:
+        batches = len(trainer.get_train_dataloader())
+    except TypeError:
+        return None
+    per_epoch = max(1, batches // max(1, int(args.gradient_accumulation_steps)))
+    return int(per_epoch * args.num_train_epochs)
+
+
+def _deepspeed_config(args: Any) -> dict[str, Any] | None:
+    """The DeepSpeed config the Trainer will train with: the one ``TrainingArguments`` resolved
+    from the arguments (its "auto" values filled); distlr fills what is left."""
+    if not getattr(args, "deepspeed", None):
+        return None
+    hf = getattr(args, "hf_deepspeed_config", None)
+    return copy.deepcopy(hf.config) if hf is not None else None
+
+
+class _Touched:
+    """What ``find_lr`` touches on the trainer besides the model and the optimizer (which the
+    finder's snapshot restores): the trainer's optimizer and scheduler slots (``create_optimizer``
+    fills the first), its state, and its accelerator's step count."""
+
+    def __init__(self, values: dict[str, Any], state: Any, step: int | None) -> None:
+        self.values, self.state, self.step = values, state, step
+
+    @classmethod
+    def capture(cls, trainer: Any) -> _Touched:
+        values = {name: getattr(trainer, name, None) for name in ("optimizer", "lr_scheduler")}
+        step = getattr(getattr(trainer, "accelerator", None), "step", None)
+        return cls(values, copy.deepcopy(trainer.state), step)
+
+    def restore(self, trainer: Any) -> None:
+        for name, value in self.values.items():
+            setattr(trainer, name, value)
+        trainer.state = self.state
+        if self.step is not None:
+            trainer.accelerator.step = self.step
+
+
+def apply_result(trainer: Any, result: LRFinderResult) -> None:
+    """Make ``trainer.train()`` use the result (see ``find_lr``'s ``apply``).
+
+    Raises:
+        ValueError: the result has no suggestion (its ``suggestion_note`` says why).
+    """
+    if result.optimal_lr is None:
+        raise ValueError(f"no learning rate to apply: {result.suggestion_note}")
+    args = trainer.args
+    schedule = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    constant = schedule.startswith("constant")
+    args.learning_rate = result.optimal_lr if constant or result.peak_lr is None else result.peak_lr
+    if not args.warmup_steps and result.schedule is not None:
+        warmup = result.schedule["huggingface"].get("warmup_steps")
+        if isinstance(warmup, (int, float)) and warmup > 0:
+            args.warmup_steps = warmup
+    # train() builds them afresh, with the new learning rate.
+    trainer.optimizer, trainer.lr_scheduler = None, None
+    if getattr(args, "deepspeed", None):
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
+        args.hf_deepspeed_config.trainer_config_process(args)
+    logger.info("find_lr: learning_rate=%.3e for trainer.train()", args.learning_rate)
+
+
+class LRFinderCallback(TrainerCallback):
+    """Run the range test when ``train()`` begins, for stacks that build the Trainer from a
+    config and cannot call ``find_lr`` before ``train()``: ``trainer.add_callback(LRFinderCallback())``.
+
+    ``on_train_begin`` comes after the Trainer built its optimizer and scheduler: with
+    ``apply=True`` (the default) their learning rates are rescaled to the suggestion. The loss
+    is the model's own (with ``args.label_smoothing_factor``); a Trainer's ``compute_loss``
+    override or ``compute_loss_func`` is only seen by ``find_lr``. ``.result`` holds the result.
+    """
+
+    def __init__(self, apply: bool = True, **find_kwargs: Any) -> None:
+        self.apply, self.find_kwargs = apply, find_kwargs
+        self.result: LRFinderResult | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,  # noqa: ANN001
+                       train_dataloader=None, **kwargs):
+        loss_fn = None
+        if args.label_smoothing_factor:
+            from transformers.trainer_pt_utils import LabelSmoother
+
+            smoother = LabelSmoother(epsilon=args.label_smoothing_factor)
+
+            def loss_fn(module, batch):
+                labels = batch.pop("labels")
+                return smoother(module(**batch), labels, shift_labels=True)
+        finder_kwargs = dict(self.find_kwargs)
+        finder_kwargs.setdefault("accumulation_steps", int(args.gradient_accumulation_steps))
+        finder_kwargs.setdefault("amp", "bf16" if args.bf16 else "fp16" if args.fp16 else "no")
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            finder_kwargs.setdefault("max_grad_norm", float(args.max_grad_norm))
+        with LRFinder(model, train_dataloader, optimizer, loss_fn=loss_fn) as finder:
+            self.result = finder.find(**finder_kwargs)
+        if self.apply and self.result.optimal_lr is not None:
+            _rescale(optimizer, lr_scheduler, self.result, args)
+        return control
+
+
+def _rescale(optimizer: Any, scheduler: Any, result: LRFinderResult, args: Any) -> None:
+    """Set a built optimizer and scheduler to the new peak LR: every group's LR and the
+    scheduler's base LRs scale by new / old, so their ratios and the schedule's shape stay."""
+    schedule = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    new = result.optimal_lr if schedule.startswith("constant") or result.peak_lr is None else result.peak_lr
+    factor = new / args.learning_rate
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    args.learning_rate = new

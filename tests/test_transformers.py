@@ -1,0 +1,164 @@
+"""A real Hugging Face Trainer (a tiny GPT-2 built from its config): find_lr with the Trainer's
+own loader, optimizer and loss; apply=True makes train() run at the suggestion; the model comes
+back bit for bit. In one process, under torchrun with 2 ranks, and under DeepSpeed ZeRO-2/3."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import Scenarios, assert_same_bits, fingerprint, launch, read_ranks, state_digest
+
+pytestmark = pytest.mark.timeout(500)
+MODULE = "test_transformers"
+scenarios = Scenarios()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0))
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def rows(n: int = 512, seq: int = 16) -> list[dict]:
+    text = ("The learning rate is the one number users take away from a range test. " * 200).encode()
+    ids = torch.tensor(list(text[: n * seq]), dtype=torch.long).view(n, seq)
+    return [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in ids]
+
+
+def trainer_for(out: Path, callbacks=(), **args):
+    from transformers import Trainer, TrainingArguments
+
+    settings = dict(output_dir=str(out), per_device_train_batch_size=8, max_steps=4, report_to=[],
+                    logging_strategy="no", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    settings.update(args)
+    return Trainer(model=tiny_gpt2(), args=TrainingArguments(**settings), train_dataset=rows(),
+                   callbacks=list(callbacks))
+
+
+class LearningRates:
+    """A callback recording the LR each param group was built with (``initial_lr``, set by the
+    scheduler) at every step of train()."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Recorder(TrainerCallback):
+            def __init__(self):
+                self.seen: list[list[float]] = []
+
+            def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+                self.seen.append([g.get("initial_lr", g["lr"]) for g in optimizer.param_groups])
+
+        return Recorder()
+
+
+@scenarios
+def trainer_apply(out: Path, zero: str = "") -> dict:
+    """find_lr(apply=True), then train(): every rank, with DeepSpeed ZeRO-``zero`` if given."""
+    from distlr.integrations.transformers import find_lr
+
+    extra = {}
+    if zero:
+        extra["deepspeed"] = {"zero_optimization": {"stage": int(zero), "stage3_param_persistence_threshold": 0},
+                              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                              "gradient_clipping": "auto", "bf16": {"enabled": False},
+                              "zero_allow_untested_optimizer": True}
+    recorder = LearningRates()
+    trainer = trainer_for(out / f"trainer{zero}", callbacks=[recorder], **extra)
+    before = state_digest(trainer.model)
+    result = find_lr(trainer, apply=True, min_lr=1e-5, max_lr=10.0, num_steps=40)
+    if zero == "3":
+        # ZeRO-3 partitioned the parameters in place: their values are compared gathered.
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
+            after = state_digest(trainer.model)
+    else:
+        after = state_digest(trainer.model)
+    lr = trainer.args.learning_rate
+    trainer.train()
+    return {"result": result.to_dict(), "untouched": before == after, "lr": lr, "seen": recorder.seen}
+
+
+def test_apply_leaves_the_model_as_it_was_and_train_runs_at_the_suggestion(tmp_path):
+    from distlr.integrations.transformers import find_lr
+
+    recorder = LearningRates()
+    trainer = trainer_for(tmp_path, callbacks=[recorder])
+    before = fingerprint(trainer.model)
+    loader_iteration = trainer.get_train_dataloader().iteration
+    result = find_lr(trainer, apply=True, min_lr=1e-5, max_lr=10.0, num_steps=40)
+    assert_same_bits(before, fingerprint(trainer.model))
+    assert result.optimal_lr is not None, result.suggestion_note
+    # The Trainer's default schedule decays: it trains at the one-cycle / warmup-cosine peak.
+    assert trainer.args.learning_rate == result.peak_lr
+    assert trainer.optimizer is None and trainer.lr_scheduler is None
+    assert result.global_batch_size == 8 and result.max_lr == 10.0
+    trainer.train()
+    assert recorder.seen and all(lr == pytest.approx(result.peak_lr) for step in recorder.seen for lr in step)
+    assert trainer.get_train_dataloader().iteration == loader_iteration
+
+
+def test_the_loss_is_the_trainers_own_with_label_smoothing(tmp_path):
+    from distlr.integrations.transformers import find_lr
+
+    trainer = trainer_for(tmp_path, label_smoothing_factor=0.1)
+    result = find_lr(trainer, min_lr=1e-7, max_lr=1e-6, num_steps=3)  # LRs too small to move the loss
+    first = next(iter(trainer.get_train_dataloader()))  # the loader is back where find_lr found it
+    trainer.model.train()
+    with torch.no_grad():
+        smoothed = trainer.compute_loss(trainer.model, dict(first)).item()
+        plain = trainer.model(**first).loss.item()
+    assert result.losses[0] == pytest.approx(smoothed, rel=1e-5)
+    assert abs(smoothed - plain) > 1e-3  # the smoothing is really in it
+
+
+def test_the_callback_rescales_the_optimizer_the_trainer_built(tmp_path):
+    from distlr.integrations.transformers import LRFinderCallback
+
+    recorder = LearningRates()
+    finder = LRFinderCallback(min_lr=1e-5, max_lr=10.0, num_steps=40)
+    trainer = trainer_for(tmp_path, callbacks=[finder, recorder], learning_rate=5e-5)
+    trainer.train()
+    assert finder.result is not None and finder.result.optimal_lr is not None
+    assert all(lr == pytest.approx(finder.result.peak_lr) for step in recorder.seen for lr in step)
+
+
+@pytest.mark.parametrize("optim", ["lomo", "schedule_free_adamw"])
+def test_an_optimizer_whose_lr_cannot_be_ramped_is_refused(tmp_path, optim):
+    from distlr.integrations.transformers import find_lr
+
+    trainer = trainer_for(tmp_path)
+    trainer.args.optim = optim  # set after construction: the packages these need are not installed
+    with pytest.raises(ValueError, match=f"optim='{optim}' cannot be ramped"):
+        find_lr(trainer)
+
+
+@pytest.mark.parametrize("zero", ["", "2", "3"])
+def test_find_lr_apply_and_train_under_torchrun(tmp_path, zero):
+    if zero:
+        pytest.importorskip("deepspeed")
+    spec = f"trainer_apply:{zero}" if zero else "trainer_apply"
+    job = launch(MODULE, tmp_path, [spec], group=False, timeout=400)
+    assert job.returncode == 0, job.explain()
+    ranks = read_ranks(tmp_path, spec)
+    assert ranks[0]["result"] == ranks[1]["result"]
+    result = ranks[0]["result"]
+    assert result["world_size"] == 2 and result["global_batch_size"] == 16
+    assert result["optimal_lr"] is not None, result["suggestion_note"]
+    if zero:
+        assert result["zero_stage"] == int(zero)
+    for record in ranks:
+        assert record["untouched"]
+        assert record["lr"] == result["peak_lr"]
+        assert record["seen"] and all(math.isclose(lr, record["lr"]) for step in record["seen"] for lr in step)

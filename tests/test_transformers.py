@@ -5,7 +5,6 @@ back bit for bit. In one process, under torchrun with 2 ranks, and under DeepSpe
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest

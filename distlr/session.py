@@ -8,6 +8,7 @@ only if the user has not (NCCL with CUDA, gloo on CPU), and tears down only what
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import socket
@@ -77,6 +78,7 @@ class Session:
         Whatever holds the group (a DDP wrapper) must be let go of first.
         """
         if self.owns_group and not self.keep_group and dist.is_initialized():
+            gc.collect()  # a wrapper kept alive only by a reference cycle lets go of the group first
             dist.destroy_process_group()
         self.owns_group = False
 

@@ -1,8 +1,11 @@
-"""Command-line parsing: ``RunConfig`` fields become flags; defaults < --config YAML < flags."""
+"""Command-line parsing: ``RunConfig`` fields become flags; defaults < what ``accelerate
+launch`` set < --config YAML < flags."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from distlr.args import SweepArgs
@@ -40,6 +43,11 @@ def parse_cli(argv: list[str] | None = None) -> RunConfig:
     Raises:
         ValueError: an unknown flag or key (with the closest valid name), or a bad value.
     """
+    return parse_cli_sources(argv)[0]
+
+
+def parse_cli_sources(argv: list[str] | None = None) -> tuple[RunConfig, dict[str, object]]:
+    """``parse_cli``, and the settings it took from ``accelerate launch`` (to say so)."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -53,9 +61,47 @@ def parse_cli(argv: list[str] | None = None) -> RunConfig:
     values = vars(args)
     config_file = values.pop("config", None)
     values.pop("local_rank", None)
-    merged = _paths_from(Path(config_file), load_yaml(config_file)) if config_file else {}
-    merged.update(values)
-    return RunConfig.from_dict(merged, source=f"--config {config_file}" if config_file else "arguments")
+    given = _paths_from(Path(config_file), load_yaml(config_file)) if config_file else {}
+    given.update(values)
+    launched = from_accelerate_launch(os.environ, given=given.keys())
+    merged = {**launched, **given}
+    return RunConfig.from_dict(merged, source=f"--config {config_file}" if config_file else "arguments"), launched
+
+
+_ACCELERATE_PRECISIONS = ("no", "bf16", "fp16")
+
+
+def from_accelerate_launch(env: Mapping[str, str], given: Iterable[str] = ()) -> dict[str, object]:
+    """The settings ``accelerate launch`` hands its processes (from its flags or the user's
+    ``accelerate config``), as distlr keys: ``--mixed_precision`` is ``amp``, ``--use_deepspeed
+    --deepspeed_config_file F`` is ``deepspeed``, ``--use_fsdp`` is ``fsdp``, and
+    ``--gradient_accumulation_steps`` is ``accumulation_steps``. Empty outside ``accelerate launch``.
+    Keys in ``given`` (set by the YAML file or a flag) are left out, unread.
+
+    Raises:
+        ValueError: a setting distlr cannot follow (fp8; DeepSpeed set up from flags alone).
+    """
+    out: dict[str, object] = {}
+    given = set(given)
+    precision = env.get("ACCELERATE_MIXED_PRECISION")
+    if precision is not None and "amp" not in given:
+        if precision.lower() not in _ACCELERATE_PRECISIONS:
+            raise ValueError(f"accelerate launch --mixed_precision {precision}: distlr runs "
+                             f"{', '.join(_ACCELERATE_PRECISIONS)}; launch with one of those or pass --amp")
+        out["amp"] = precision.lower()
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not given & {"deepspeed", "fsdp"}:
+        path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not path:
+            raise ValueError("accelerate launch --use_deepspeed without --deepspeed_config_file: distlr builds "
+                             "its engine from a DeepSpeed config JSON; pass --deepspeed_config_file FILE "
+                             "(or distlr's own --deepspeed FILE)")
+        out["deepspeed"] = path
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not given & {"deepspeed", "fsdp"}:
+        out["fsdp"] = True
+    steps = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if steps is not None and "accumulation_steps" not in given:
+        out["accumulation_steps"] = steps
+    return out
 
 
 def config_file(argv: list[str] | None = None) -> Path | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distlr import trackers
 from distlr.args import SweepArgs, is_int, is_real
 from distlr.choices import (DEVICE_CHOICES, DIST_BACKENDS, OPTIMIZERS, SNAPSHOT_MODES, TOKEN_DTYPES, DistBackend,
                             OptimizerName, SnapshotMode, TokenDtype, check_choice, closest)
@@ -83,6 +84,8 @@ class RunConfig:
     """Log one line every this many steps (when no progress bar is drawn)."""
     progress: bool = True
     """Draw a progress bar on a terminal."""
+    report_to: str = "none"
+    """Trackers that get the curve, the figure and the suggestion (in a run of their own): tensorboard, mlflow, wandb (offline unless WANDB_MODE says otherwise), comma-separated; all (every one installed) or none."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,6 +108,7 @@ class RunConfig:
         check_choice("token_dtype", self.token_dtype, TOKEN_DTYPES)
         check_choice("snapshot", self.snapshot, SNAPSHOT_MODES)
         check_choice("dist_backend", self.dist_backend, DIST_BACKENDS)
+        trackers.parse(self.report_to)
         if not self.dist_timeout > 0 or not math.isfinite(self.dist_timeout):
             raise ValueError(f"dist_timeout={self.dist_timeout!r} is not allowed; use a number of seconds > 0")
         if self.weight_decay < 0 or not math.isfinite(self.weight_decay):

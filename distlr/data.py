@@ -82,9 +82,10 @@ class BatchStream:
 
     def close(self) -> None:
         """Leave the loader as the sweep found it (``_LoaderState``)."""
-        began = self._it is not None
-        self._it = None
-        self._before.restore(self.loader, began=began)
+        it, self._it = self._it, None
+        if hasattr(it, "close"):
+            it.close()  # a generator's own cleanup runs now, before the state is put back
+        self._before.restore(self.loader)
 
     def _new_epoch(self) -> Any:
         sampler = getattr(self.loader, "sampler", None)
@@ -109,36 +110,54 @@ class BatchStream:
 
 class _LoaderState:
     """What reading a loader changes besides the global RNG, which the snapshot restores: the
-    private ``torch.Generator`` of the loader and its samplers (the next shuffle order), and an
-    Accelerate loader's ``iteration`` count (the epoch its sampler is seeded with), its
-    ``end_of_dataloader`` flag and its registration with Accelerate's gradient state, made when
-    its iteration began and undone only when an epoch runs to its end."""
+    private ``torch.Generator`` of the loader and its samplers (the next shuffle order), and for
+    an Accelerate loader its ``iteration`` count (the epoch its sampler is seeded with), its
+    end-of-epoch bookkeeping, and the list of loaders Accelerate's gradient state believes are
+    being iterated (a loader joins it when an iteration begins and leaves, with every other
+    entry for itself, only when an epoch runs to its end)."""
 
-    def __init__(self, generators: list[tuple[torch.Generator, torch.Tensor]], attrs: dict[str, Any]) -> None:
-        self.generators, self.attrs = generators, attrs
+    def __init__(self, generators: list[tuple[torch.Generator, torch.Tensor]], attrs: dict[str, Any],
+                 references: list[Any] | None) -> None:
+        self.generators, self.attrs, self.references = generators, attrs, references
 
     @classmethod
     def capture(cls, loader: Any) -> _LoaderState:
-        holders = [loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
-                   getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
-        generators = []
-        for holder in holders:
-            generator = getattr(holder, "generator", None)
-            if isinstance(generator, torch.Generator) and all(generator is not g for g, _ in generators):
-                generators.append((generator, generator.get_state()))
-        attrs = {name: getattr(loader, name) for name in ("iteration", "end_of_dataloader")
+        generators = [(g, g.get_state()) for g in _generators(loader)]
+        attrs = {name: getattr(loader, name) for name in ("iteration", "end_of_dataloader", "remainder")
                  if isinstance(getattr(loader, name, None), (bool, int))}
-        return cls(generators, attrs)
+        references = getattr(getattr(loader, "gradient_state", None), "dataloader_references", None)
+        return cls(generators, attrs, None if references is None else list(references))
 
-    def restore(self, loader: Any, *, began: bool) -> None:
+    def restore(self, loader: Any) -> None:
         for generator, state in self.generators:
             generator.set_state(state)
-        end = getattr(loader, "end", None)
-        references = getattr(getattr(loader, "gradient_state", None), "dataloader_references", None)
-        if began and callable(end) and references is not None and loader in references:
-            end()  # Accelerate: the loader's iteration is over
+        if self.references is not None:
+            loader.gradient_state.dataloader_references = self.references
         for name, value in self.attrs.items():
             setattr(loader, name, value)
+
+
+_GENERATOR_HOLDERS = ("sampler", "batch_sampler", "base_dataloader", "generator", "synchronized_generator")
+
+
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The ``torch.Generator``s a loader draws its order from: its own, its samplers' and, for
+    a loader wrapping another (Accelerate's shards), the inner ones', a few levels deep."""
+    found: list[torch.Generator] = []
+    seen: set[int] = set()
+    level = [loader]
+    for _ in range(4):
+        deeper = []
+        for holder in level:
+            if holder is None or id(holder) in seen:
+                continue
+            seen.add(id(holder))
+            if isinstance(holder, torch.Generator):
+                found.append(holder)
+                continue
+            deeper += [getattr(holder, name, None) for name in _GENERATOR_HOLDERS]
+        level = deeper
+    return found
 
 
 def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distlr import backends
+from distlr import backends, trackers
 from distlr import distributed as D
 from distlr.analysis import build_result
 from distlr.args import DEFAULTS, SweepArgs
@@ -28,7 +28,7 @@ from distlr.choices import SNAPSHOT_MODES, AmpMode, SnapshotMode, StepMode, Sugg
 from distlr.data import BatchStream, check_loader, shard_loader
 from distlr.ladder import lr_ladder
 from distlr.plot import plot_result
-from distlr.report import ProgressReporter
+from distlr.report import ProgressReporter, free_name
 from distlr.result import LRFinderResult
 from distlr.session import DEFAULT_TIMEOUT_S, start_session
 from distlr.signals import shielded, sigterm_as_interrupt
@@ -141,6 +141,32 @@ class LRFinder:
         self.result: LRFinderResult | None = None
         self._snapshot: Snapshot | None = None
 
+    @classmethod
+    def from_accelerator(cls, accelerator: Any, model: nn.Module, optimizer: Any, train_dataloader: Iterable[Any],
+                         criterion: Criterion | None = None, **kwargs: Any) -> LRFinder:
+        """A finder for what ``accelerator.prepare`` returned: every step goes through the
+        accelerator (``backward``, ``autocast``, ``clip_grad_norm_``, the prepared optimizer's
+        step), and its scaler, step count, gradient state and the loader's iteration come back
+        as they were. When the accelerator runs DeepSpeed, ``model`` is its engine and the
+        DeepSpeed backend runs it. ``kwargs`` are ``LRFinder``'s.
+
+        Example:
+            >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # doctest: +SKIP
+            >>> with LRFinder.from_accelerator(accelerator, model, optimizer, loader) as finder:  # doctest: +SKIP
+            ...     result = finder.find(num_steps=100)
+        """
+        kwargs.setdefault("device", accelerator.device)
+        optimizer, extra = backends.from_accelerator(accelerator, optimizer)
+        finder = cls(model, train_dataloader, optimizer, criterion, **kwargs)
+        try:
+            with D.agree_on_failure(finder.ctx):
+                backends.check_accelerator(accelerator, finder.ctx)
+        except BaseException:
+            finder.close()
+            raise
+        finder._spec.extra.update(extra)  # the backend is built on the first find
+        return finder
+
     def close(self) -> None:
         """Remove a disk snapshot, let go of the DDP wrapper, end the process group if the
         finder made it (a group made for DeepSpeed is kept: DeepSpeed holds on to it)."""
@@ -149,6 +175,7 @@ class LRFinder:
             self._snapshot = None
         if self._backend is not None:
             self._backend.release()
+        self._backend = None  # the backend and its wrapper go now (reset() keeps a memory snapshot)
         self._session.close()
 
     def __enter__(self) -> LRFinder:
@@ -304,10 +331,36 @@ class LRFinder:
         """
         if self.result is None:
             raise RuntimeError("nothing to plot yet: call find() first")
-        path = Path(output_path) if output_path is not None else _free_name(Path("lr_finder.png"))
+        path = Path(output_path) if output_path is not None else free_name(Path("lr_finder.png"))
         if self.ctx.is_main:
             plot_result(self.result, path, log_scale=log_scale, show_suggestion=show_suggestion)
         return str(path)
+
+    def report(self, report_to: str | Iterable[str], *, log_dir: str | Path = ".") -> list[str]:
+        """Log the last result to trackers: ``"tensorboard"``, ``"mlflow"``, ``"wandb"`` (a list
+        or a comma-separated string; ``"all"``: every one installed). The curve keyed by LR, the
+        figure and the suggestion as a summary, in a run of its own (``distlr.trackers``).
+
+        Args:
+            report_to: the trackers.
+            log_dir: where TensorBoard writes (``<log_dir>/lr_finder``) and W&B keeps its run.
+
+        Returns:
+            Where each tracker put it (rank 0; the other ranks log nothing and get ``[]``).
+
+        Raises:
+            RuntimeError: ``find()`` has not run yet.
+            ValueError: an unknown tracker name. ImportError: a tracker that is not installed.
+        """
+        if self.result is None:
+            raise RuntimeError("nothing to report yet: call find() first")
+        names = trackers.parse(report_to)
+        trackers.check(names)
+        if not self.ctx.is_main or not names:
+            return []
+        with tempfile.TemporaryDirectory() as tmp:
+            figure = plot_result(self.result, Path(tmp) / "lr_finder.png")
+            return trackers.log(self.result, names, figure=figure, log_dir=Path(log_dir))
 
     def reset(self) -> None:
         """Put model, optimizer, scheduler, scaler and RNG back as they were before ``find()``.
@@ -385,15 +438,6 @@ def _check_display_args(*, progress: Any, log_every: Any) -> None:
         raise TypeError(f"progress={progress!r} must be True or False")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"log_every={log_every!r} is not allowed; use an int >= 1")
-
-
-def _free_name(path: Path) -> Path:
-    n = 1
-    candidate = path
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        n += 1
-    return candidate
 
 
 def find_optimal_lr(model: nn.Module, train_dataloader: Iterable[Any], **kwargs: Any) -> float:

@@ -156,6 +156,17 @@ def new_output_dir(requested: str | None, *, overwrite: bool, root: str | Path =
     return path, created
 
 
+def free_name(path: Path, also: tuple[str, ...] = ()) -> Path:
+    """``path``, or ``stem-N.suffix`` with the first N that is free: nothing is overwritten.
+    ``also``: other suffixes that name must be free with (a result and its figure share one)."""
+    n = 1
+    candidate = path
+    while any(c.exists() for c in (candidate, *(candidate.with_suffix(s) for s in also))):
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 def remove_if_empty(path: Path) -> None:
     """Remove a directory this run made and left empty (a run that failed or was interrupted)."""
     try:

@@ -241,6 +241,8 @@ class TrainingSnapshot:
         sampler: optional sampler whose ``epoch`` the sweep advances when it cycles the loader.
         settle: called before the state is read or written back, to bring the model into its
             resting layout (FSDP2: resharded, also after an error stopped a forward midway).
+        keep: ``(object, attribute)`` pairs whose values are saved and put back too (a
+            training loop runner's step count).
     """
 
     def __init__(
@@ -253,10 +255,12 @@ class TrainingSnapshot:
         grad_scaler: Any | None = None,
         sampler: Any | None = None,
         settle: Callable[[], None] | None = None,
+        keep: list[tuple[Any, str]] | None = None,
     ) -> None:
         self.model, self.optimizer, self.store = model, optimizer, store
         self.lr_scheduler, self.grad_scaler, self.sampler = lr_scheduler, grad_scaler, sampler
         self._settle = settle or (lambda: None)
+        self._keep = keep or []
         self._saved: dict[str, Any] | None = None
 
     def _live(self) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
@@ -288,6 +292,7 @@ class TrainingSnapshot:
             "lr_scheduler": None if self.lr_scheduler is None else copy.deepcopy(self.lr_scheduler.state_dict()),
             "grad_scaler": None if self.grad_scaler is None else copy.deepcopy(self.grad_scaler.state_dict()),
             "sampler_epoch": getattr(self.sampler, "epoch", None),
+            "kept": [copy.deepcopy(getattr(owner, name)) for owner, name in self._keep],
             "rng": RNGState.capture(),
         }
 
@@ -328,6 +333,8 @@ class TrainingSnapshot:
             self.grad_scaler.load_state_dict(copy.deepcopy(saved["grad_scaler"]))
         if saved["sampler_epoch"] is not None:
             self.sampler.epoch = saved["sampler_epoch"]
+        for (owner, name), value in zip(self._keep, saved["kept"]):
+            setattr(owner, name, copy.deepcopy(value))
         saved["rng"].restore()
 
     def _as_saved(self, key: str, value: torch.Tensor, live: dict[str, torch.Tensor],

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make .venv (if it is missing) and install distlr into it with its dev, DeepSpeed and datasets extras.
+# Make .venv (if it is missing) and install distlr into it with its dev, DeepSpeed (and
+# Accelerate) and datasets extras; DISTLR_EXTRAS names others (scripts/test.sh adds trackers).
 # torch is pinned through constraints.txt to the CPU wheel this machine carries; without the pin
 # pip would pull the newest CUDA build (several GB). Re-running is cheap: the install is skipped
 # while pyproject.toml and constraints.txt are unchanged.
@@ -8,11 +9,12 @@ cd "$(dirname "$0")/.."
 venv="${DISTLR_VENV:-.venv}"
 python="${PYTHON:-python3}"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+extras="${DISTLR_EXTRAS:-dev,deepspeed,data}"
 stamp="$venv/.distlr-install-stamp"
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+want="$( (cat pyproject.toml constraints.txt; echo "$extras") | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing distlr and its dependencies into $venv (about a minute the first time)" >&2
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -c constraints.txt "torch==2.13.0" -e ".[dev,deepspeed,data]" 2> >(grep -v "^WARNING: Location" >&2)
+        -c constraints.txt "torch==2.13.0" -e ".[$extras]" 2> >(grep -v "^WARNING: Location" >&2)
     echo "$want" > "$stamp"
 fi

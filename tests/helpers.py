@@ -103,8 +103,13 @@ def warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, loader, steps: i
 
 def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str:
     """A hash of every bit ``fingerprint`` covers, to compare across processes."""
+    return digest(fingerprint(model, optimizer))
+
+
+def digest(fp: dict) -> str:
+    """A hash of a ``fingerprint``."""
     h = hashlib.sha256()
-    for key, value in fingerprint(model, optimizer).items():
+    for key, value in fp.items():
         h.update(key.encode())
         if isinstance(value, torch.Tensor):
             h.update(_bits(value).numpy().tobytes())
@@ -142,7 +147,9 @@ def deepspeed_launcher(args: list[str], *, nproc: int, timeout: float = 240.0) -
 def run_job(cmd: list[str], *, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None) -> Launch:
     """Run a multi-process job; its whole process group is killed at ``timeout``, so a hang is
     reported as a failure (returncode -9) with everything printed so far, never waited out."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    # PYTHONFAULTHANDLER: a rank killed by a native abort prints every thread's Python stack.
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1",
+                "HF_HUB_OFFLINE": "1",
                 "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
     start = time.monotonic()
@@ -220,8 +227,8 @@ def launch(module: str, out: Path, specs: list[str], *, nproc: int = 2, timeout:
     every finder joins it. ``group=False`` leaves that to distlr (one finder per such launch:
     a gloo group made and ended twice in one process may meet stale addresses).
     """
-    return torchrun([str(WORKER), *([] if group else ["--no-group"]), module, str(out), *specs], nproc=nproc,
-                    timeout=timeout, env=env)
+    args = [str(WORKER), *([] if group else ["--no-group"]), module, str(out), *specs]
+    return torchrun(args, nproc=nproc, timeout=timeout, env=env)
 
 
 def read_ranks(out: Path, spec: str, world: int = 2) -> list[dict]:

@@ -2,7 +2,8 @@
 
 ``make_backend`` picks and builds one; the facade and the sweep use it only through
 ``Backend`` (``distlr.backends.base``): ``ddp`` (a plain or DDP model), ``fsdp`` (FSDP2),
-``zero`` (DeepSpeed). Adding a backend means adding one module here and one branch in
+``accelerate`` (what an ``accelerate.Accelerator`` prepared), ``zero`` (DeepSpeed). Adding a
+backend means adding one module here and one branch in
 ``make_backend``. DeepSpeed is imported only when a DeepSpeed engine or config is
 given.
 """
@@ -16,6 +17,7 @@ import torch
 
 from distlr.args import SweepArgs
 from distlr.backends.base import Backend, BackendSpec
+from distlr.distributed import DistContext
 
 __all__ = ["Backend", "BackendSpec", "check_args", "make_backend", "needs_process_group", "read_deepspeed_config"]
 
@@ -75,6 +77,10 @@ def make_backend(spec: BackendSpec, args: SweepArgs) -> Backend:
         from distlr.backends.zero import DeepSpeedBackend
 
         return DeepSpeedBackend(spec, args)
+    if "accelerator" in spec.extra:
+        from distlr.backends import accelerate
+
+        return accelerate.make(spec)
     from distlr.backends import fsdp
 
     if fsdp.is_fsdp2(spec.model):
@@ -82,3 +88,23 @@ def make_backend(spec: BackendSpec, args: SweepArgs) -> Backend:
     from distlr.backends.ddp import TorchBackend
 
     return TorchBackend(spec)
+
+
+def from_accelerator(accelerator: Any, optimizer: Any) -> tuple[Any, dict[str, Any]]:
+    """What ``LRFinder.from_accelerator`` passes on: the optimizer, and the ``BackendSpec.extra``
+    that routes the sweep through the accelerator. Under DeepSpeed the model is the engine,
+    which brings its optimizer and steps it inside its own backward: the DeepSpeed backend runs
+    it, and the prepared optimizer wrapper is not used."""
+    if str(accelerator.distributed_type).endswith("DEEPSPEED"):
+        return None, {}
+    return optimizer, {"accelerator": accelerator}
+
+
+def check_accelerator(accelerator: Any, ctx: DistContext) -> None:
+    """Raise ValueError when the accelerator counts other processes than the job has ranks: its
+    prepared loader would give every rank the same batches."""
+    if accelerator.num_processes != ctx.world_size:
+        raise ValueError(
+            f"the accelerator counts {accelerator.num_processes} process(es) but the job has {ctx.world_size} "
+            "ranks, so its prepared loader would give every rank the same batches. Without GPUs, Accelerate "
+            "counts every rank only with Accelerator(cpu=True), and never with DeepSpeed")

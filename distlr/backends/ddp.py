@@ -44,6 +44,71 @@ class GradientSync(Protocol):
         """Bring the model into its resting layout before its state is read or put back."""
 
 
+class StepOps(Protocol):
+    """How one step's precision, backward and optimizer step are done: plain torch
+    (``TorchOps``) or through a training loop's runner (``distlr.backends.accelerate``)."""
+
+    precision: str | None
+    """"bf16"/"fp16" when the runner fixes the precision, else None (``amp`` decides)."""
+    scaler: Any | None
+    """The loss scaler the snapshot saves and restores, if any."""
+
+    def configure(self, amp: str, device: torch.device) -> None:
+        """Take ``find()``'s ``amp`` (checked against ``precision`` by the backend)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward's mixed-precision context."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a micro-batch's share of the step's loss."""
+
+    def step(self, params: list[torch.Tensor], max_grad_norm: float | None) -> bool:
+        """Clip and step the optimizer; True when the step was skipped (an fp16 overflow)."""
+
+
+class TorchOps:
+    """Plain torch: ``torch.autocast`` for bf16/fp16, a ``GradScaler`` for fp16 (the user's if given)."""
+
+    precision = None
+
+    def __init__(self, optimizer: torch.optim.Optimizer, user_scaler: Any | None) -> None:
+        self.optimizer, self.scaler = optimizer, user_scaler
+        self._active_scaler: Any | None = None
+        self._amp, self._device_type = "no", "cpu"
+
+    def configure(self, amp: str, device: torch.device) -> None:
+        if amp == "fp16" and device.type != "cuda":
+            raise ValueError(f"amp='fp16' needs a CUDA device (it uses a GradScaler); device is {device}. "
+                             "Use amp='bf16' or amp='no' on the CPU")
+        self._amp, self._device_type = amp, device.type
+        self._active_scaler = (self.scaler or torch.amp.GradScaler(device.type)) if amp == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self._amp == "no":
+            return _NULL
+        return torch.autocast(self._device_type, dtype=torch.bfloat16 if self._amp == "bf16" else torch.float16)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self._active_scaler is None else self._active_scaler.scale(loss)).backward()
+
+    def step(self, params: list[torch.Tensor], max_grad_norm: float | None) -> bool:
+        scaler = self._active_scaler
+        if scaler is None:
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            self.optimizer.step()
+            return False
+        scaler.unscale_(self.optimizer)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        before = scaler.get_scale()
+        scaler.step(self.optimizer)
+        scaler.update()
+        # GradScaler skips the step and lowers the scale on an overflow: that step is no point
+        # on the curve, and the ladder must not advance.
+        return scaler.get_scale() < before
+
+
 class DDPSync:
     """DDP (or FSDP1): ``no_sync()`` for every micro-batch but the last."""
 
@@ -80,17 +145,20 @@ class TorchBackend:
 
     total_steps_hint: int | None = None
 
-    def __init__(self, spec: BackendSpec, *, sync: GradientSync | None = None) -> None:
+    def __init__(self, spec: BackendSpec, *, sync: GradientSync | None = None, ops: StepOps | None = None,
+                 keep: list[tuple[Any, str]] | None = None) -> None:
         self.ctx, self.criterion, self.loss_fn = spec.ctx, spec.criterion, spec.loss_fn
         self.device = spec.ctx.device
         self.module = spec.model
         self.optimizer = spec.optimizer or torch.optim.AdamW([p for p in spec.model.parameters() if p.requires_grad])
-        self.lr_scheduler, self.user_grad_scaler = spec.lr_scheduler, spec.grad_scaler
+        self.lr_scheduler = spec.lr_scheduler
         # Under DDP every rank trains through the wrapper, which also makes rank 0's weights
         # everyone's (as DDP always does).
         self.model = wrap_for_data_parallel(spec.model, spec.ctx, spec.find_unused_parameters)
         self._data_parallel = spec.ctx.distributed and is_data_parallel(self.model)
         self._sync = sync or DDPSync(self.model)
+        self._ops = ops or TorchOps(self.optimizer, spec.grad_scaler)
+        self._keep = keep or []
         self.causal_lm = is_causal_lm(spec.model)
         self._ramp = LrRamp(self.optimizer)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -98,21 +166,16 @@ class TorchBackend:
         self.notes: list[str] = []
         self.micro_batch_size: int | None = None
         self.accumulation_steps = 1
-        self.amp, self.max_grad_norm, self.grad_scaler = "no", None, None
+        self.max_grad_norm: float | None = None
 
     def configure(self, args: SweepArgs) -> None:
-        precision = self._sync.precision
-        if precision is not None and args.amp not in ("no", precision):
-            raise ValueError(f"amp={args.amp!r} but the model computes in {precision} by itself (its FSDP "
-                             "MixedPrecisionPolicy); pass amp='no' or amp=" + repr(precision))
-        if args.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError(f"amp='fp16' needs a CUDA device (it uses a GradScaler); device is {self.device}. "
-                             "Use amp='bf16' or amp='no' on the CPU")
-        self.amp, self.max_grad_norm, self.accumulation_steps = args.amp, args.max_grad_norm, args.accumulation_steps
-        if args.amp == "fp16":
-            self.grad_scaler = self.user_grad_scaler or torch.amp.GradScaler(self.device.type)
-        else:
-            self.grad_scaler = None
+        for precision, who in ((self._sync.precision, "the model computes in {} by itself (its FSDP "
+                                "MixedPrecisionPolicy)"), (self._ops.precision, "the Accelerator runs {}")):
+            if precision is not None and args.amp not in ("no", precision):
+                raise ValueError(f"amp={args.amp!r} but {who.format(precision)}; pass amp='no' or amp={precision!r}")
+        fixed = self._sync.precision or self._ops.precision
+        self._ops.configure("no" if fixed else args.amp, self.device)  # a fixed precision casts by itself
+        self.max_grad_norm, self.accumulation_steps = args.max_grad_norm, args.accumulation_steps
 
     def set_lr(self, lr: float) -> None:
         self._ramp(lr)
@@ -132,17 +195,14 @@ class TorchBackend:
                 self.micro_batch_size = count_samples(batch)
             # DDP or FSDP would reduce gradients after every micro-batch; only the last one needs it.
             with self._sync.defer(last=i == n - 1):
-                with self._autocast():
+                with self._ops.autocast():
                     loss = compute_loss(self.model, batch, self.criterion, self.loss_fn)
                 # The gradient is the mean over micro-batches, as one big batch would give.
-                scaled = loss if n == 1 else loss / n
-                if self.grad_scaler is not None:
-                    scaled = self.grad_scaler.scale(scaled)
                 with self._backward_sync(step):
-                    scaled.backward()
+                    self._ops.backward(loss if n == 1 else loss / n)
             self._stats.add(loss, items, count_samples(batch))
         stats = self._stats.finish()
-        self._optimizer_step(stats)
+        stats[SKIPPED] = float(self._ops.step(self._params, self.max_grad_norm))
         return stats
 
     def _backward_sync(self, step: int) -> contextlib.AbstractContextManager:
@@ -152,34 +212,12 @@ class TorchBackend:
             return _NULL
         return D.communication(self.ctx, self._sync.what, step)
 
-    def _optimizer_step(self, stats: torch.Tensor) -> None:
-        scaler = self.grad_scaler
-        if scaler is None:
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
-            self.optimizer.step()
-            return
-        scaler.unscale_(self.optimizer)
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
-        before = scaler.get_scale()
-        scaler.step(self.optimizer)
-        scaler.update()
-        # GradScaler skips the step and lowers the scale on an overflow: that step is no point
-        # on the curve, and the ladder must not advance.
-        stats[SKIPPED] = float(scaler.get_scale() < before)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp == "no" or self._sync.precision is not None:  # the model casts by itself
-            return _NULL
-        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
     def make_snapshot(self, mode: SnapshotMode, directory: Path, sampler: Any | None) -> Snapshot:
         """This rank's state in host memory, or in a DCP directory of its own beside ``directory``."""
         store = HostStore() if mode == "memory" else DiskStore(directory.with_name(f"{directory.name}-rank{self.ctx.rank}"))
         return TrainingSnapshot(self.module, self.optimizer, store, lr_scheduler=self.lr_scheduler,
-                                grad_scaler=self.user_grad_scaler, sampler=sampler, settle=self._sync.settle)
+                                grad_scaler=self._ops.scaler, sampler=sampler, settle=self._sync.settle,
+                                keep=self._keep)
 
     def add_to_result(self, result: LRFinderResult) -> None:
         return None
@@ -189,6 +227,8 @@ class TorchBackend:
             # Free the DDP wrapper before its process group: a group freed from inside the
             # wrapper's deallocation joins its worker threads while holding the GIL and deadlocks.
             self.model = self.module
+            if isinstance(self._sync, DDPSync):
+                self._sync.model = self.module  # the snapshot keeps the sync's settle
             gc.collect()
 
 

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from distlr import trackers
 from distlr.finder import LRFinder
+from distlr.plot import plot_result
+from distlr.report import free_name, write_atomic
 from distlr.result import LRFinderResult
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,8 @@ def find_lr(trainer: Any, *, apply: bool = False, **find_kwargs: Any) -> LRFinde
     if any(word in optim for word in UNRAMPABLE_OPTIM):
         raise ValueError(f"TrainingArguments.optim={optim!r} cannot be ramped: its learning rate does not live in "
                          "param_groups the way a range test sets it; run find_lr with optim='adamw_torch'")
+    report_to = [name for name in (args.report_to or []) if name in trackers.TRACKERS]
+    trackers.check(report_to)
     touched = _Touched.capture(trainer)
     try:
         kwargs = _find_kwargs(trainer, find_kwargs)
@@ -77,9 +84,31 @@ def find_lr(trainer: Any, *, apply: bool = False, **find_kwargs: Any) -> LRFinde
             result = finder.find(**kwargs)
     finally:
         touched.restore(trainer)
+    publish(trainer, result, report_to)
     if apply:
         apply_result(trainer, result)
     return result
+
+
+def publish(trainer: Any, result: LRFinderResult, report_to: list[str]) -> list[Path]:
+    """On the main process: ``lr_finder.json`` and ``lr_finder.png`` into ``args.output_dir``
+    (``-1``, ``-2``... when a file of that name is there already: nothing is overwritten), so
+    that ``push_to_hub`` carries them, and the result to the trackers of ``args.report_to``
+    that distlr logs to (TensorBoard beside the Trainer's own logs). Returns the files written."""
+    args = trainer.args
+    if not trainer.is_world_process_zero() or not args.output_dir:
+        return []
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = free_name(out / "lr_finder.json", also=(".png",))
+    write_atomic(json_path, result.to_json())
+    figure = plot_result(result, json_path.with_suffix(".png"))
+    # Where the Trainer's TensorBoard callback writes: TENSORBOARD_LOGGING_DIR, else (v4)
+    # args.logging_dir, else <output_dir>/runs.
+    log_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or getattr(args, "logging_dir", None) or out / "runs"
+    for where in trackers.log(result, report_to, figure=figure, log_dir=Path(log_dir).expanduser()):
+        logger.info("find_lr: logged to %s", where)
+    return [json_path, figure]
 
 
 def _find_kwargs(trainer: Any, given: dict[str, Any]) -> dict[str, Any]:

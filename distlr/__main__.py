@@ -25,8 +25,9 @@ from distlr.build import build, build_dataloader, build_trainable
 from distlr.cli import config_file, parse_cli_sources
 from distlr.config import RunConfig
 from distlr.finder import LRFinder
-from distlr.report import (CONFIG_FILE, PLOT_FILE, RESULT_FILE, TUNED_DS_FILE, new_output_dir, remove_if_empty, summary,
-                           write_atomic)
+from distlr.plot import plot_sweep
+from distlr.report import (CONFIG_FILE, PLOT_FILE, RESULT_FILE, SWEEP_FILE, SWEEP_PLOT_FILE, TUNED_DS_FILE,
+                           new_output_dir, remove_if_empty, summary, sweep_summary, write_atomic)
 from distlr.session import Session, launch_info, start_session
 from distlr.signals import Terminated
 
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                         cfg.sweep.max_lr, cfg.sweep.num_steps, ctx.world_size, ctx.device.type)
             if "sequences" in inputs and hasattr(finder.train_dataloader, "__len__"):
                 inputs["sequences_per_rank"] = len(finder.train_dataloader) * cfg.batch_size
+            if cfg.is_sweep:
+                _run_sweep(cfg, finder, out_dir, inputs)
+                made = None
+                return 0
             result = finder.find(**cfg.sweep.as_dict(), progress=cfg.progress, log_every=cfg.log_every)
             if ctx.is_main:
                 result.inputs = inputs
@@ -107,6 +112,22 @@ def main(argv: list[str] | None = None) -> int:
         if session is not None:
             session.close()
     return 0
+
+
+def _run_sweep(cfg: RunConfig, finder: LRFinder, out_dir: Path, inputs: dict) -> None:
+    """``--global-batch-sizes`` / ``--repeats``: every run in this job; sweep.json, sweep.png
+    and config.yaml on rank 0."""
+    find_args = {k: v for k, v in cfg.sweep.as_dict().items() if k != "accumulation_steps"}
+    sweep = finder.sweep(cfg.batch_sizes(), cfg.repeats, target_global_batch_size=cfg.target_global_batch_size,
+                         **find_args, progress=cfg.progress, log_every=cfg.log_every)
+    if not finder.ctx.is_main:
+        return
+    record = {**sweep.to_dict(), "inputs": inputs}
+    write_atomic(out_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_saved_dict(), sort_keys=False))
+    write_atomic(out_dir / SWEEP_FILE, json.dumps(record, indent=2, allow_nan=False))
+    plot_sweep(sweep, out_dir / SWEEP_PLOT_FILE)
+    print(sweep_summary(sweep))
+    print("wrote " + ", ".join(str(out_dir / name) for name in (SWEEP_FILE, SWEEP_PLOT_FILE, CONFIG_FILE)))
 
 
 def _output_dir(cfg: RunConfig, ctx: D.DistContext, given: Path | None) -> tuple[Path, Path | None]:

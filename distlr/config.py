@@ -84,6 +84,12 @@ class RunConfig:
     """Log one line every this many steps (when no progress bar is drawn)."""
     progress: bool = True
     """Draw a progress bar on a terminal."""
+    global_batch_sizes: str | None = None
+    """Run one range test per global batch size (comma-separated, e.g. 16,32,64: micro-batch x ranks x accumulation, the micro-batch at most batch_size) and fit LR against batch size; writes sweep.json and sweep.png."""
+    repeats: int = 1
+    """Range tests per batch size, each with its own data order (seed + repeat); the spread of the suggestion is reported."""
+    target_global_batch_size: int | None = None
+    """With global_batch_sizes: the global batch to predict the LR for from the fit (marked as extrapolated outside the swept sizes)."""
     report_to: str = "none"
     """Trackers that get the curve, the figure and the suggestion (in a run of their own): tensorboard, mlflow, wandb (offline unless WANDB_MODE says otherwise), comma-separated; all (every one installed) or none."""
 
@@ -109,6 +115,33 @@ class RunConfig:
         check_choice("snapshot", self.snapshot, SNAPSHOT_MODES)
         check_choice("dist_backend", self.dist_backend, DIST_BACKENDS)
         trackers.parse(self.report_to)
+        self.batch_sizes()
+        if self.global_batch_sizes is not None and self.sweep.accumulation_steps != 1:
+            raise ValueError(f"accumulation_steps={self.sweep.accumulation_steps} with global_batch_sizes: each "
+                             "size's split decides the accumulation; leave accumulation_steps out")
+        if self.repeats < 1:
+            raise ValueError(f"repeats={self.repeats!r} is too small; allowed: an int >= 1")
+        if self.target_global_batch_size is not None and self.target_global_batch_size < 1:
+            raise ValueError(f"target_global_batch_size={self.target_global_batch_size!r} is too small; allowed: an "
+                             "int >= 1")
+
+    def batch_sizes(self) -> list[int] | None:
+        """``global_batch_sizes`` as ints (a YAML list or a comma-separated string)."""
+        if self.global_batch_sizes is None:
+            return None
+        text = self.global_batch_sizes.strip().strip("[]")
+        try:
+            sizes = [int(part) for part in text.replace(" ", "").split(",") if part]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+            raise ValueError(f"global_batch_sizes={self.global_batch_sizes!r} is not allowed; use distinct ints >= 1, "
+                             "comma-separated (16,32,64)")
+        return sizes
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.global_batch_sizes is not None or self.repeats > 1
         if not self.dist_timeout > 0 or not math.isfinite(self.dist_timeout):
             raise ValueError(f"dist_timeout={self.dist_timeout!r} is not allowed; use a number of seconds > 0")
         if self.weight_decay < 0 or not math.isfinite(self.weight_decay):

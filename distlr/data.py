@@ -160,6 +160,30 @@ def _generators(loader: Any) -> list[torch.Generator]:
     return found
 
 
+def reshuffled(loader: Any, ctx: DistContext, *, batch_size: int, seed: int) -> DataLoader:
+    """The loader's dataset read again for one run of a sweep: ``batch_size`` per rank, this
+    rank's shard, shuffled with ``seed`` (the same order on every rank and for every run with that
+    seed). Collate function, workers, pinning and drop_last are the loader's.
+
+    Raises:
+        ValueError: the loader is no ``DataLoader`` over a map-style dataset (it cannot be read
+            at another batch size or in another order from outside).
+    """
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        raise ValueError(f"a sweep over batch sizes or repeats reads train_dataloader's dataset at other batch "
+                         f"sizes and orders; a {type(loader).__name__} cannot be, pass a torch DataLoader over a "
+                         "map-style Dataset")
+    if ctx.distributed:
+        sampler: Any = DistributedSampler(loader.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                          seed=seed, drop_last=loader.drop_last)
+    else:
+        sampler = RandomSampler(loader.dataset, generator=torch.Generator().manual_seed(seed))
+    workers = loader.num_workers
+    return DataLoader(loader.dataset, batch_size=batch_size, sampler=sampler, collate_fn=loader.collate_fn,
+                      num_workers=workers, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                      persistent_workers=loader.persistent_workers if workers else False)
+
+
 def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
     """A loader that reads only this rank's shard of the data.
 

@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,11 @@ from torch import nn
 from distlr import backends, trackers
 from distlr import distributed as D
 from distlr.analysis import build_result
-from distlr.args import DEFAULTS, SweepArgs
+from distlr.args import DEFAULTS, SweepArgs, is_int
 from distlr.batch import Criterion, LossFn
 from distlr.choices import SNAPSHOT_MODES, AmpMode, SnapshotMode, StepMode, SuggestionMethod, check_choice
-from distlr.data import BatchStream, check_loader, shard_loader
+from distlr.data import BatchStream, check_loader, reshuffled, shard_loader
+from distlr.fit import Spread, SweepResult, SweepRun, split_global_batch
 from distlr.ladder import lr_ladder
 from distlr.plot import plot_result
 from distlr.report import ProgressReporter, free_name
@@ -126,6 +127,7 @@ class LRFinder:
                 if snapshot == "disk":
                     check_snapshot_dir(snapshot_dir)
                 self.train_dataloader = shard_loader(train_dataloader, self.ctx, seed=data_seed)
+            self.data_seed = data_seed
             if not type(model).__module__.startswith("deepspeed"):
                 model = model.to(self.device)  # an engine already placed its module
         except BaseException:
@@ -296,6 +298,79 @@ class LRFinder:
         self.result = D.broadcast_object(self.ctx, result)
         return self.result
 
+    def sweep(
+        self,
+        global_batch_sizes: Sequence[int] | None = None,
+        repeats: int = 1,
+        *,
+        target_global_batch_size: int | None = None,
+        **find_kwargs: Any,
+    ) -> SweepResult:
+        """One range test per global batch size and repeat, all in this job: every rank takes
+        part in every run, and the state is restored after each run (``find()`` does).
+
+        Each global batch is split as micro-batch x ranks x accumulation steps, with the largest
+        micro-batch up to the loader's ``batch_size``. Repeat ``r`` reads the data shuffled with
+        seed ``data_seed + r``, the same order for every size. A run that diverges at once or
+        has no suggestion is recorded, and the sweep goes on.
+
+        Args:
+            global_batch_sizes: the sizes (default: the loader's batch size x ranks).
+            repeats: runs per size, each with its own data order (>= 1).
+            target_global_batch_size: a size to predict the LR for from the fit.
+            **find_kwargs: ``find()``'s arguments, but ``accumulation_steps`` (the split decides it).
+
+        Returns:
+            The ``SweepResult`` (runs, spreads, fit), identical on every rank.
+
+        Raises:
+            ValueError: a size the ranks cannot form (naming the nearest that can), a loader
+                that cannot be re-read at other batch sizes, or bad arguments, before any step.
+
+        Example:
+            >>> sweep = finder.sweep(global_batch_sizes=[64, 128, 256], repeats=2, num_steps=100)  # doctest: +SKIP
+            >>> sweep.fit.exponent                                                              # doctest: +SKIP
+        """
+        world = self.ctx.world_size
+        micro_max = self._spec.micro_batch_hint
+        with D.agree_on_failure(self.ctx):
+            if "accumulation_steps" in find_kwargs:
+                raise ValueError("sweep(): accumulation_steps comes from each global batch size's split; leave it out")
+            if not is_int(repeats) or repeats < 1:
+                raise ValueError(f"repeats={repeats!r} is not allowed; use an int >= 1")
+            if not isinstance(micro_max, int):
+                raise ValueError("sweep(): train_dataloader has no batch_size to split global batches with; pass a "
+                                 "torch DataLoader with batch_size set")
+            sizes = list(global_batch_sizes) if global_batch_sizes is not None else [micro_max * world]
+            if not sizes or any(not is_int(b) or b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
+                raise ValueError(f"global_batch_sizes={sizes!r} is not allowed; use distinct ints >= 1")
+            if target_global_batch_size is not None and (not is_int(target_global_batch_size)
+                                                         or target_global_batch_size < 1):
+                raise ValueError(f"target_global_batch_size={target_global_batch_size!r} is not allowed; "
+                                 "use an int >= 1")
+            splits = {b: split_global_batch(b, world, micro_max) for b in sorted(sizes)}
+            backends.check_batch_splits(self._spec, {a for _, a in splits.values()})
+            reshuffled(self.train_dataloader, self.ctx, batch_size=1, seed=0)  # can it be re-read at all?
+        D.agree_on_arguments(self.ctx, "sweep() arguments",
+                             {"global_batch_sizes": sorted(sizes), "repeats": repeats,
+                              "target_global_batch_size": target_global_batch_size})
+        plan = [(b, r) for b in sorted(sizes) for r in range(repeats)]
+        runs: list[SweepRun] = []
+        original = self.train_dataloader
+        try:
+            for k, (size, repeat) in enumerate(plan, start=1):
+                micro, accumulation = splits[size]
+                seed = self.data_seed + repeat
+                if self.ctx.is_main:
+                    logger.info("run %d/%d: global batch %d (%d per micro-batch x %d rank(s) x %d), repeat %d, seed %d",
+                                k, len(plan), size, micro, world, accumulation, repeat + 1, seed)
+                self.train_dataloader = reshuffled(original, self.ctx, batch_size=micro, seed=seed)
+                result = self.find(**find_kwargs, accumulation_steps=accumulation)
+                runs.append(SweepRun(size, repeat, seed, micro, accumulation, result))
+        finally:
+            self.train_dataloader = original
+        return SweepResult(runs, world, target_global_batch_size)
+
     def _take_snapshot(self, backend: backends.Backend) -> Snapshot:
         """Every rank saves its own state; if any rank cannot, every rank drops what it took."""
         if self._snapshot is not None:
@@ -441,7 +516,9 @@ def _check_display_args(*, progress: Any, log_every: Any) -> None:
 
 
 def find_optimal_lr(model: nn.Module, train_dataloader: Iterable[Any], **kwargs: Any) -> float:
-    """Run a range test in one line and return the suggested learning rate.
+    """Run a range test in one line and return the suggested learning rate. With ``repeats=N``
+    (> 1): N range tests with N data orders, and their geometric mean as a ``RepeatedLR`` (a
+    float with ``.spread`` and ``.sweep``); a run without a suggestion is left out of the mean.
 
     Takes ``LRFinder``'s and ``find()``'s keyword arguments. A process group the finder had to
     make is ended before this returns, so the caller can make its own afterwards.
@@ -456,11 +533,36 @@ def find_optimal_lr(model: nn.Module, train_dataloader: Iterable[Any], **kwargs:
     """
     init_names = set(inspect.signature(LRFinder.__init__).parameters) - {"self", "model", "train_dataloader"}
     find_names = set(inspect.signature(LRFinder.find).parameters) - {"self"}
-    unknown = sorted(set(kwargs) - init_names - find_names)
+    unknown = sorted(set(kwargs) - init_names - find_names - {"repeats"})
     if unknown:
-        raise TypeError(f"find_optimal_lr() got unknown argument(s) {unknown}; allowed: {sorted(init_names | find_names)}")
+        raise TypeError(f"find_optimal_lr() got unknown argument(s) {unknown}; allowed: "
+                        f"{sorted(init_names | find_names | {'repeats'})}")
+    repeats = kwargs.pop("repeats", 1)
+    find_kwargs = {k: v for k, v in kwargs.items() if k in find_names}
     with LRFinder(model, train_dataloader, **{k: v for k, v in kwargs.items() if k in init_names}) as finder:
-        result = finder.find(**{k: v for k, v in kwargs.items() if k in find_names})
-    if result.optimal_lr is None:
-        raise NoSuggestionError(result)
-    return result.optimal_lr
+        if repeats == 1:
+            result = finder.find(**find_kwargs)
+        else:
+            find_kwargs.pop("accumulation_steps", None)
+            sweep = finder.sweep(None, repeats, **find_kwargs)
+    if repeats == 1:
+        if result.optimal_lr is None:
+            raise NoSuggestionError(result)
+        return result.optimal_lr
+    [spread] = sweep.spreads().values()
+    if spread.geometric_mean is None:
+        raise NoSuggestionError(sweep.runs[-1].result)
+    return RepeatedLR(spread.geometric_mean, spread, sweep)
+
+
+class RepeatedLR(float):
+    """``find_optimal_lr(..., repeats=N)``: the geometric mean of the N suggestions, a float,
+    with ``.spread`` (geometric mean, min, max, how many answered) and ``.sweep`` (every run)."""
+
+    spread: Spread
+    sweep: SweepResult
+
+    def __new__(cls, value: float, spread: Spread, sweep: SweepResult) -> RepeatedLR:
+        lr = super().__new__(cls, value)
+        lr.spread, lr.sweep = spread, sweep
+        return lr

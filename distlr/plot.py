@@ -6,6 +6,7 @@ import math
 import textwrap
 from pathlib import Path
 
+from distlr.fit import SweepResult
 from distlr.report import atomic_path
 from distlr.result import LRFinderResult
 
@@ -94,3 +95,73 @@ def _limit_y(ax, result: LRFinderResult) -> None:
     low = min(curve[lowest], raw[len(raw) // 50] if raw else curve[lowest])
     span = (high - low) or abs(high) or 1.0
     ax.set_ylim(low - 0.05 * span, high + 0.25 * span)
+
+
+def plot_sweep(sweep: SweepResult, output_path: str | Path) -> Path:
+    """Two panels: the smoothed curves overlaid, one colour per global batch size (each repeat
+    a line); and log-log suggested LR against global batch size, with the fit and the
+    square-root (0.5) and linear (1) scaling lines through the fit's middle.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    curves, scaling = fig.subplots(1, 2)
+    sizes = sorted({run.global_batch_size for run in sweep.runs})
+    colours = {b: f"C{i % 10}" for i, b in enumerate(sizes)}
+    labelled: set[int] = set()
+    for run in sweep.runs:
+        result, b = run.result, run.global_batch_size
+        n = len(result.smoothed_losses)
+        label = None if b in labelled else f"global batch {b}"
+        labelled.add(b)
+        curves.plot(result.lrs[:n], result.smoothed_losses, color=colours[b], alpha=0.8, label=label)
+    curves.set_xscale("log")
+    curves.set_xlabel("learning rate (log scale)")
+    curves.set_ylabel("smoothed loss (mean over all ranks)")
+    curves.set_title(f"range tests: {len(sweep.runs)} runs, {sweep.world_size} rank(s)")
+    curves.grid(True, which="both", alpha=0.3)
+    curves.legend(fontsize=8)
+    losses = [v for run in sweep.runs for v in run.result.smoothed_losses if math.isfinite(v)]
+    if losses:
+        low, high = min(losses), sorted(losses)[int(0.95 * (len(losses) - 1))]
+        curves.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+
+    points = [(run.global_batch_size, run.result.optimal_lr) for run in sweep.runs if run.result.optimal_lr]
+    for b, lr in points:
+        scaling.scatter([b], [lr], color=colours[b], zorder=3)
+    fit = sweep.fit
+    if fit is not None:
+        xs = [min(sizes), max(sizes)]
+        prediction = sweep.prediction()
+        if prediction is not None:
+            xs = [min(xs[0], prediction["global_batch_size"]), max(xs[1], prediction["global_batch_size"])]
+        err = "" if fit.exponent_stderr is None else f" ± {fit.exponent_stderr:.2f}"
+        scaling.plot(xs, [fit.predict(x) for x in xs], color="k", label=f"fit: lr ∝ B^{fit.exponent:.2f}{err}")
+        middle = math.sqrt(min(sizes) * max(sizes))
+        for power, style in ((0.5, ":"), (1.0, "--")):
+            ys = [fit.predict(middle) * (x / middle) ** power for x in xs]
+            scaling.plot(xs, ys, color="grey", linestyle=style, label=f"B^{power:g} (reference)")
+        if prediction is not None:
+            word = "extrapolated" if prediction["extrapolation"] else "interpolated"
+            scaling.scatter([prediction["global_batch_size"]], [prediction["lr"]], marker="x", color="C3", zorder=4,
+                            label=f"{word}: {prediction['lr']:.2e} at B={prediction['global_batch_size']}")
+    scaling.set_xscale("log", base=2)
+    scaling.set_yscale("log")
+    scaling.set_xlabel("global batch size (log scale)")
+    scaling.set_ylabel("suggested learning rate (log scale)")
+    scaling.set_title("suggestion vs global batch size")
+    scaling.grid(True, which="both", alpha=0.3)
+    if points or fit is not None:
+        scaling.legend(fontsize=8)
+    else:
+        scaling.text(0.5, 0.5, "no run gave a suggestion", ha="center", transform=scaling.transAxes)
+    fig.tight_layout()
+    path = Path(output_path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    return path

@@ -16,12 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from distlr.fit import SweepResult
 from distlr.result import LRFinderResult
 
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 PLOT_FILE = "lr_finder.png"
+SWEEP_FILE = "sweep.json"
+SWEEP_PLOT_FILE = "sweep.png"
 CONFIG_FILE = "config.yaml"
 TUNED_DS_FILE = "ds_config.tuned.json"
 OUTPUTS = (RESULT_FILE, PLOT_FILE, CONFIG_FILE, TUNED_DS_FILE)
@@ -93,6 +96,33 @@ def summary(result: LRFinderResult) -> str:
         lines.append(f"data:         {describe_inputs(result.inputs)}")
     lines.extend(f"range:        {note}" for note in result.range_notes)
     lines.extend(f"note:         {note}" for note in result.notes)
+    return "\n".join(lines)
+
+
+def sweep_summary(sweep: SweepResult) -> str:
+    """The terminal table of a sweep: each batch size's split and spread, the fit, the prediction."""
+    runs = {run.global_batch_size: run for run in sweep.runs}
+    lines = ["global batch | micro x ranks x accum | suggested lr (geo-mean)   min        max        answered"]
+    for size, spread in sweep.spreads().items():
+        run = runs[size]
+        split = f"{run.micro_batch_size} x {sweep.world_size} x {run.accumulation_steps}"
+
+        def fmt(value: float | None) -> str:
+            return "-" if value is None else f"{value:.3e}"
+        lines.append(f"{size:>12} | {split:>20} | {fmt(spread.geometric_mean):>23}   {fmt(spread.min):<10} "
+                     f"{fmt(spread.max):<10} {spread.answered}/{spread.repeats}")
+    fit = sweep.fit
+    if fit is None:
+        lines.append("fit: fewer than two batch sizes gave a suggestion")
+    else:
+        err = "" if fit.exponent_stderr is None else f" ± {fit.exponent_stderr:.2f}"
+        lines.append(f"fit: lr = {fit.coefficient:.3e} * B^{fit.exponent:.3f}{err} over {fit.points} runs "
+                     "(square-root scaling: 0.5, linear: 1)")
+    prediction = sweep.prediction()
+    if prediction is not None:
+        where = ("EXTRAPOLATED outside the swept sizes" if prediction["extrapolation"]
+                 else "within the swept sizes")
+        lines.append(f"predicted lr at global batch {prediction['global_batch_size']}: {prediction['lr']:.3e} ({where})")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import REPO
 
-PURE = ("distlr.choices", "distlr.args", "distlr.ladder", "distlr.tracker", "distlr.curve", "distlr.suggest",
+PURE = ("distlr.choices", "distlr.args", "distlr.fit", "distlr.ladder", "distlr.tracker", "distlr.curve", "distlr.suggest",
         "distlr.schedule", "distlr.analysis", "distlr.result")
 """The pure math: numbers in, numbers out; no torch, no torch.distributed, no files."""
 

@@ -108,3 +108,12 @@ def check_accelerator(accelerator: Any, ctx: DistContext) -> None:
             f"the accelerator counts {accelerator.num_processes} process(es) but the job has {ctx.world_size} "
             "ranks, so its prepared loader would give every rank the same batches. Without GPUs, Accelerate "
             "counts every rank only with Accelerator(cpu=True), and never with DeepSpeed")
+
+
+def check_batch_splits(spec: BackendSpec, accumulations: set[int]) -> None:
+    """Raise ValueError when the backend cannot run a sweep whose runs accumulate
+    ``accumulations`` micro-batches: a DeepSpeed engine is built for one accumulation."""
+    if len(accumulations) > 1 and _uses_deepspeed(spec.model, spec.deepspeed_config):
+        raise ValueError(f"global_batch_sizes: these sizes need {sorted(accumulations)} accumulation steps, but a "
+                         "DeepSpeed engine is built for one; sweep sizes that share one split (repeats work) or "
+                         "run one job per size")

@@ -173,6 +173,7 @@ class TorchBackend:
                                 "MixedPrecisionPolicy)"), (self._ops.precision, "the Accelerator runs {}")):
             if precision is not None and args.amp not in ("no", precision):
                 raise ValueError(f"amp={args.amp!r} but {who.format(precision)}; pass amp='no' or amp={precision!r}")
+        self.micro_batch_size = None  # measured again: a sweep may change the loader between finds
         fixed = self._sync.precision or self._ops.precision
         self._ops.configure("no" if fixed else args.amp, self.device)  # a fixed precision casts by itself
         self.max_grad_norm, self.accumulation_steps = args.max_grad_norm, args.accumulation_steps

@@ -1,0 +1,254 @@
+"""The sweep runner: one range test per global batch size and repeat, in one job. The fit is
+checked on synthetic suggestions; the runs under torchrun with 2 ranks: the state after every
+run and after the sweep, the ranks' agreement, a point that diverges at once, refused sizes, and
+the CLI's sweep.json and sweep.png."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from helpers import (Scenarios, digest, fingerprint, launch, mlp, mse, read_ranks, regression_data, state_digest,
+                     torchrun)
+
+pytestmark = pytest.mark.timeout(400)
+MODULE = "test_sweep_runner"
+scenarios = Scenarios()
+SWEEP = dict(min_lr=1e-4, max_lr=10.0, num_steps=15)
+
+
+# -- pure ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exponent", [0.5, 1.0, -0.3])
+def test_the_fit_recovers_a_known_exponent_from_noisy_suggestions(exponent):
+    from distlr.fit import fit_power_law
+
+    rng = random.Random(0)
+    sizes = [b for b in (16, 32, 64, 128, 256, 512) for _ in range(3)]
+    lrs = [2e-3 * (b / 16) ** exponent * math.exp(rng.gauss(0, 0.1)) for b in sizes]
+    fit = fit_power_law(sizes, lrs)
+    assert fit.points == 18 and fit.sizes == 6
+    assert abs(fit.exponent - exponent) < 3 * fit.exponent_stderr < 0.1
+    assert fit.predict(16) == pytest.approx(2e-3, rel=0.1)
+
+
+def test_the_fit_leaves_out_runs_without_a_suggestion_and_needs_two_sizes():
+    from distlr.fit import fit_power_law
+
+    assert fit_power_law([16, 16, 32], [1e-3, None, None]) is None
+    fit = fit_power_law([16, 32, 64, 64], [1e-3, None, 4e-3, math.nan])
+    assert fit.points == 2 and fit.exponent == pytest.approx(1.0) and fit.exponent_stderr is None  # 4x LR over 4x B
+
+
+@pytest.mark.parametrize("size, world, micro, expected", [(64, 2, 8, (8, 4)), (24, 2, 8, (6, 2)), (16, 2, 8, (8, 1)),
+                                                          (14, 2, 8, (7, 1)), (6, 3, 8, (2, 1))])
+def test_a_global_batch_is_split_with_the_largest_micro_batch_allowed(size, world, micro, expected):
+    from distlr.fit import split_global_batch
+
+    assert split_global_batch(size, world, micro) == expected
+
+
+def test_a_size_the_ranks_cannot_form_names_the_nearest_that_can():
+    from distlr.fit import split_global_batch
+
+    with pytest.raises(ValueError, match="15 cannot be formed by 2 ranks .* the nearest that can: 14 or 16"):
+        split_global_batch(15, 2, 8)
+    with pytest.raises(ValueError, match="the nearest that can: 4$"):
+        split_global_batch(3, 4, 8)
+
+
+# -- scenarios (every rank runs them) ------------------------------------------------------------
+
+
+def _finder(model, optimizer):
+    from distlr import LRFinder
+
+    class Recording(LRFinder):
+        """A finder that notes the state digest after each of the sweep's runs."""
+
+        after_each: list[str] = []
+
+        def find(self, *args, **kwargs):
+            result = super().find(*args, **kwargs)
+            self.after_each.append(state_digest(model, optimizer))
+            return result
+
+    loader = DataLoader(regression_data(n=1024), batch_size=8, shuffle=True)
+    return Recording(model, loader, optimizer, mse, device="cpu")
+
+
+@scenarios
+def sweep(out: Path) -> dict:
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with _finder(model, optimizer) as finder:
+        before = fingerprint(model, optimizer)
+        result = finder.sweep([16, 32, 64], repeats=2, target_global_batch_size=1024, **SWEEP)
+        return {"sweep": result.to_dict(), "before": digest(before), "after_each": finder.after_each,
+                "after": state_digest(model, optimizer)}
+
+
+@scenarios
+def fsdp2(out: Path) -> dict:
+    """The same sweep on an FSDP2 model: each rank restores its own shards after every run."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with _finder(model, optimizer) as finder:
+        before = state_digest(model, optimizer)
+        result = finder.sweep([16, 32], repeats=1, **SWEEP)
+        return {"sweep": result.to_dict(), "before": before, "after_each": finder.after_each}
+
+
+@scenarios
+def diverging(out: Path) -> dict:
+    """Every run diverges on its first steps (an LR of 1e3 on SGD): recorded, the sweep goes on."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with _finder(model, optimizer) as finder:
+        result = finder.sweep([16, 32], repeats=1, min_lr=1e3, max_lr=1e5, num_steps=10)
+    return {"sweep": result.to_dict()}
+
+
+@scenarios
+def refused(out: Path) -> dict:
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    errors = {}
+    with _finder(model, optimizer) as finder:
+        for name, kwargs in {"odd": dict(global_batch_sizes=[16, 15]), "repeats": dict(repeats=0),
+                             "accumulation": dict(global_batch_sizes=[16], accumulation_steps=2)}.items():
+            try:
+                finder.sweep(**kwargs, **SWEEP)
+                errors[name] = None
+            except ValueError as e:
+                errors[name] = str(e)
+        errors["runs"] = len(finder.after_each)
+    return errors
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    job = launch(MODULE, out, ["sweep", "fsdp2", "diverging", "refused"])
+    assert job.returncode == 0, job.explain()
+    return out
+
+
+def test_every_run_and_the_whole_sweep_leave_the_state_as_it_was_on_every_rank(two_ranks):
+    for record in read_ranks(two_ranks, "sweep"):
+        assert len(record["after_each"]) == 6
+        assert set(record["after_each"]) == {record["before"]} and record["after"] == record["before"]
+
+
+def test_an_fsdp2_model_is_swept_and_each_rank_gets_its_shards_back_after_every_run(two_ranks):
+    ranks = read_ranks(two_ranks, "fsdp2")
+    assert ranks[0]["sweep"] == ranks[1]["sweep"]
+    assert [r["result"]["global_batch_size"] for r in ranks[0]["sweep"]["runs"]] == [16, 32]
+    for record in ranks:
+        assert record["after_each"] == [record["before"]] * 2
+
+
+def test_the_ranks_agree_on_every_run_and_each_run_is_split_and_seeded_as_planned(two_ranks):
+    ranks = read_ranks(two_ranks, "sweep")
+    assert ranks[0]["sweep"] == ranks[1]["sweep"]
+    sweep = ranks[0]["sweep"]
+    plan = [(r["global_batch_size"], r["repeat"], r["seed"], r["micro_batch_size"], r["accumulation_steps"])
+            for r in sweep["runs"]]
+    assert plan == [(16, 0, 0, 8, 1), (16, 1, 1, 8, 1), (32, 0, 0, 8, 2), (32, 1, 1, 8, 2), (64, 0, 0, 8, 4),
+                    (64, 1, 1, 8, 4)]
+    assert [r["result"]["global_batch_size"] for r in sweep["runs"]] == [16, 16, 32, 32, 64, 64]
+    # Two repeats read two data orders: their curves differ.
+    assert sweep["runs"][0]["result"]["losses"] != sweep["runs"][1]["result"]["losses"]
+    answered = [r for r in sweep["runs"] if r["result"]["optimal_lr"] is not None]
+    if len({r["global_batch_size"] for r in answered}) >= 2:
+        assert sweep["fit"]["points"] == len(answered)
+        assert sweep["prediction"]["extrapolation"] is True and sweep["prediction"]["global_batch_size"] == 1024
+
+
+def test_a_point_that_diverges_at_once_is_recorded_and_the_sweep_goes_on(two_ranks):
+    sweep = read_ranks(two_ranks, "diverging")[0]["sweep"]
+    assert [r["global_batch_size"] for r in sweep["runs"]] == [16, 32]
+    for run in sweep["runs"]:
+        assert run["result"]["stop_reason"] == "diverged" and run["result"]["optimal_lr"] is None
+    assert sweep["fit"] is None and sweep["spread"]["16"]["answered"] == 0
+
+
+def test_impossible_sizes_and_arguments_are_refused_before_any_run_on_every_rank(two_ranks):
+    ranks = read_ranks(two_ranks, "refused")
+    assert ranks[0] == ranks[1]
+    errors = ranks[0]
+    assert "15 cannot be formed by 2 ranks" in errors["odd"] and "14 or 16" in errors["odd"]
+    assert "repeats=0 is not allowed" in errors["repeats"]
+    assert "accumulation_steps comes from each global batch size's split" in errors["accumulation"]
+    assert errors["runs"] == 0
+
+
+def test_the_cli_writes_sweep_json_and_sweep_png_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    job = torchrun(["-m", "distlr", "--config", "configs/sweep-demo.yaml", "--num-steps", "30",
+                    "--global-batch-sizes", "16,32", "--output-dir", str(out), "--no-progress"], nproc=2)
+    assert job.returncode == 0, job.explain()
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert len(sweep["runs"]) == 4 and sweep["world_size"] == 2
+    assert {r["result"]["world_size"] for r in sweep["runs"]} == {2}
+    assert "fit: " in job.output and "global batch | micro x ranks x accum" in job.output
+    assert (out / "sweep.png").read_bytes().startswith(b"\x89PNG")
+    assert not (out / "result.json").exists()
+
+
+def test_find_optimal_lr_with_repeats_returns_the_geometric_mean_with_its_spread():
+    from distlr import find_optimal_lr
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = state_digest(model, optimizer)
+    lr = find_optimal_lr(model, DataLoader(regression_data(n=1024), batch_size=16, shuffle=True), optimizer=optimizer,
+                         criterion=mse, device="cpu", repeats=3, min_lr=1e-4, max_lr=10.0, num_steps=40)
+    found = [r.result.optimal_lr for r in lr.sweep.runs if r.result.optimal_lr is not None]
+    assert len(lr.sweep.runs) == 3 and lr.spread.answered == len(found) >= 1
+    assert float(lr) == pytest.approx(math.exp(sum(map(math.log, found)) / len(found)), rel=1e-12)
+    assert lr.spread.min == min(found) and lr.spread.max == max(found)
+    assert state_digest(model, optimizer) == before
+
+
+@scenarios
+def zero(out: Path) -> dict:
+    """A user's ZeRO-2 engine: repeats at one size run; sizes needing another accumulation are refused."""
+    from distlr import LRFinder
+    from helpers import deepspeed_engine, ds_config
+
+    model = mlp()
+    engine = deepspeed_engine(model, ds_config(2), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    loader = DataLoader(regression_data(n=1024), batch_size=8, shuffle=True)
+    with LRFinder(engine, loader, None, mse) as finder:
+        try:
+            finder.sweep([16, 32], **SWEEP)
+            refused = None
+        except ValueError as e:
+            refused = str(e)
+        sweep = finder.sweep([16], repeats=2, **SWEEP)
+    return {"refused": refused, "sweep": sweep.to_dict()}
+
+
+def test_under_deepspeed_repeats_run_and_sizes_needing_another_split_are_refused(tmp_path):
+    pytest.importorskip("deepspeed")
+    job = launch(MODULE, tmp_path, ["zero"])
+    assert job.returncode == 0, job.explain()
+    for record in read_ranks(tmp_path, "zero"):
+        assert "need [1, 2] accumulation steps, but a DeepSpeed engine is built for one" in record["refused"]
+        runs = record["sweep"]["runs"]
+        assert [(r["global_batch_size"], r["repeat"]) for r in runs] == [(16, 0), (16, 1)]
+        assert all(len(r["result"]["losses"]) > 0 for r in runs)

@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run_sweep(cfg: RunConfig, finder: LRFinder, out_dir: Path, inputs: dict) -> None:
     """``--global-batch-sizes`` / ``--repeats``: every run in this job; sweep.json, sweep.png
     and config.yaml on rank 0."""
-    find_args = {k: v for k, v in cfg.sweep.as_dict().items() if k != "accumulation_steps"}
+    find_args = cfg.sweep.as_dict()
+    if cfg.global_batch_sizes is not None:
+        find_args.pop("accumulation_steps")  # each size's split decides it (validate refused another value)
     sweep = finder.sweep(cfg.batch_sizes(), cfg.repeats, target_global_batch_size=cfg.target_global_batch_size,
                          **find_args, progress=cfg.progress, log_every=cfg.log_every)
     if not finder.ctx.is_main:

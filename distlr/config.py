@@ -116,6 +116,9 @@ class RunConfig:
         check_choice("dist_backend", self.dist_backend, DIST_BACKENDS)
         trackers.parse(self.report_to)
         self.batch_sizes()
+        if self.is_sweep and self.report_to.strip().lower() not in ("", "none"):
+            raise ValueError(f"report_to={self.report_to!r} with a sweep: trackers get single range tests only, not "
+                             "sweeps yet; leave report_to out (sweep.json and sweep.png hold every run)")
         if self.global_batch_sizes is not None and self.sweep.accumulation_steps != 1:
             raise ValueError(f"accumulation_steps={self.sweep.accumulation_steps} with global_batch_sizes: each "
                              "size's split decides the accumulation; leave accumulation_steps out")
@@ -124,6 +127,20 @@ class RunConfig:
         if self.target_global_batch_size is not None and self.target_global_batch_size < 1:
             raise ValueError(f"target_global_batch_size={self.target_global_batch_size!r} is too small; allowed: an "
                              "int >= 1")
+        if not self.dist_timeout > 0 or not math.isfinite(self.dist_timeout):
+            raise ValueError(f"dist_timeout={self.dist_timeout!r} is not allowed; use a number of seconds > 0")
+        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
+            raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed; use a number >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum!r} is not allowed; use a number in [0, 1)")
+        if self.fsdp and self.deepspeed is not None:
+            raise ValueError("fsdp=True and deepspeed=... both shard the model; choose one")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise ValueError(f"deepspeed={self.deepspeed!r}: no such file (a DeepSpeed config JSON)")
+        # Only the form: whether CUDA is there is for the rank that runs it to say.
+        if self.device != "auto":
+            if not (self.device in ("cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+                raise ValueError(f"device={self.device!r} is not supported; allowed: {', '.join(DEVICE_CHOICES)}")
 
     def batch_sizes(self) -> list[int] | None:
         """``global_batch_sizes`` as ints (a YAML list or a comma-separated string)."""
@@ -142,20 +159,6 @@ class RunConfig:
     @property
     def is_sweep(self) -> bool:
         return self.global_batch_sizes is not None or self.repeats > 1
-        if not self.dist_timeout > 0 or not math.isfinite(self.dist_timeout):
-            raise ValueError(f"dist_timeout={self.dist_timeout!r} is not allowed; use a number of seconds > 0")
-        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
-            raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed; use a number >= 0")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum={self.momentum!r} is not allowed; use a number in [0, 1)")
-        if self.fsdp and self.deepspeed is not None:
-            raise ValueError("fsdp=True and deepspeed=... both shard the model; choose one")
-        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            raise ValueError(f"deepspeed={self.deepspeed!r}: no such file (a DeepSpeed config JSON)")
-        # Only the form: whether CUDA is there is for the rank that runs it to say.
-        if self.device != "auto":
-            if not (self.device in ("cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
-                raise ValueError(f"device={self.device!r} is not supported; allowed: {', '.join(DEVICE_CHOICES)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The flat mapping a config file holds: the sweep's keys first, then the others."""

@@ -318,7 +318,8 @@ class LRFinder:
             global_batch_sizes: the sizes (default: the loader's batch size x ranks).
             repeats: runs per size, each with its own data order (>= 1).
             target_global_batch_size: a size to predict the LR for from the fit.
-            **find_kwargs: ``find()``'s arguments, but ``accumulation_steps`` (the split decides it).
+            **find_kwargs: ``find()``'s arguments; ``accumulation_steps`` only without
+                ``global_batch_sizes`` (each size's split decides it).
 
         Returns:
             The ``SweepResult`` (runs, spreads, fit), identical on every rank.
@@ -334,14 +335,16 @@ class LRFinder:
         world = self.ctx.world_size
         micro_max = self._spec.micro_batch_hint
         with D.agree_on_failure(self.ctx):
-            if "accumulation_steps" in find_kwargs:
+            if "accumulation_steps" in find_kwargs and global_batch_sizes is not None:
                 raise ValueError("sweep(): accumulation_steps comes from each global batch size's split; leave it out")
+            accumulation = find_kwargs.pop("accumulation_steps", 1)
             if not is_int(repeats) or repeats < 1:
                 raise ValueError(f"repeats={repeats!r} is not allowed; use an int >= 1")
             if not isinstance(micro_max, int):
                 raise ValueError("sweep(): train_dataloader has no batch_size to split global batches with; pass a "
                                  "torch DataLoader with batch_size set")
-            sizes = list(global_batch_sizes) if global_batch_sizes is not None else [micro_max * world]
+            # Without sizes: the one this finder would run (the loader's batch x ranks x accumulation).
+            sizes = list(global_batch_sizes) if global_batch_sizes is not None else [micro_max * world * accumulation]
             if not sizes or any(not is_int(b) or b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
                 raise ValueError(f"global_batch_sizes={sizes!r} is not allowed; use distinct ints >= 1")
             if target_global_batch_size is not None and (not is_int(target_global_batch_size)
@@ -543,7 +546,6 @@ def find_optimal_lr(model: nn.Module, train_dataloader: Iterable[Any], **kwargs:
         if repeats == 1:
             result = finder.find(**find_kwargs)
         else:
-            find_kwargs.pop("accumulation_steps", None)
             sweep = finder.sweep(None, repeats, **find_kwargs)
     if repeats == 1:
         if result.optimal_lr is None:
@@ -566,3 +568,7 @@ class RepeatedLR(float):
         lr = super().__new__(cls, value)
         lr.spread, lr.sweep = spread, sweep
         return lr
+
+    def __reduce__(self) -> tuple[type, tuple[float]]:
+        # Copied, pickled or saved (say, in an optimizer's param_groups) it is the plain float.
+        return float, (float(self),)

@@ -150,11 +150,12 @@ class SweepResult:
         return {b: spread([r.result.optimal_lr for r in self.runs if r.global_batch_size == b]) for b in sizes}
 
     def prediction(self) -> dict[str, Any] | None:
-        """The fit's LR at ``target_global_batch_size``, marked when it lies outside the swept sizes."""
+        """The fit's LR at ``target_global_batch_size``, marked when it lies outside the sizes
+        the fit was made from (those with a suggestion)."""
         fit = self.fit
         if self.target_global_batch_size is None or fit is None:
             return None
-        sizes = [r.global_batch_size for r in self.runs]
+        sizes = [r.global_batch_size for r in self.runs if r.result.optimal_lr is not None]  # what the fit saw
         target = self.target_global_batch_size
         return {"global_batch_size": target, "lr": fit.predict(target),
                 "extrapolation": not min(sizes) <= target <= max(sizes)}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from helpers import (EQUIV, Scenarios, deepspeed_engine, digest, ds_config, engine_digest, fingerprint, launch, mlp,
+from helpers import (EQUIV, Scenarios, assert_same_bits, deepspeed_engine, digest, ds_config, engine_digest, fingerprint, launch, mlp,
                      mse, read_ranks, regression_data, run_job, state_digest)
 from test_distributed import assert_matches_one_process
 
@@ -66,11 +66,28 @@ def equivalence(out: Path, accumulation: str, accelerator_accumulation: str) -> 
     the accelerator itself may be set to accumulate (distlr steps the optimizer every step)."""
     from distlr import LRFinder
 
-    steps = int(accumulation)
-    accelerator, model, optimizer, loader = prepared(
-        batch_size=8 // steps, gradient_accumulation_steps=int(accelerator_accumulation))
+    steps, theirs = int(accumulation), int(accelerator_accumulation)
+    accelerator, model, optimizer, loader = prepared(batch_size=8 // steps, gradient_accumulation_steps=theirs)
+    if theirs > 1:
+        # The script is midway through its own accumulation: one micro-batch's gradient is
+        # there, and the accelerator says gradients are not synced (so its optimizer's step and
+        # zero_grad do nothing). The sweep must start from clean gradients all the same.
+        x, y = next(iter(loader))
+        with accelerator.accumulate(model):
+            accelerator.backward(mse(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+        assert not accelerator.sync_gradients and model.module[0].weight.grad is not None
+    before = fingerprint(model, optimizer)
     with LRFinder.from_accelerator(accelerator, model, optimizer, loader, mse) as finder:
-        return finder.find(**EQUIV, accumulation_steps=steps).to_dict()
+        try:
+            finder.find(num_steps=5, amp="bf16")
+            refused = None
+        except ValueError as e:
+            refused = str(e)
+        result = finder.find(**EQUIV, accumulation_steps=steps).to_dict()
+    assert_same_bits(before, fingerprint(model, optimizer))  # the script's gradient is back too
+    return {**result, "refused": refused}
 
 
 @scenarios
@@ -178,6 +195,8 @@ def accelerate_job(tmp_path_factory):
 def test_the_accelerator_records_the_curve_of_one_process_with_the_global_batch(accelerate_job, spec):
     results = read_ranks(accelerate_job, spec)
     assert results[0] == results[1]
+    refused = results[0].pop("refused")
+    assert refused == "amp='bf16' but the Accelerator's mixed_precision is 'no'; pass amp='no'"
     assert_matches_one_process(results[0], world=2)
 
 

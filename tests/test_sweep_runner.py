@@ -248,7 +248,18 @@ def test_under_deepspeed_repeats_run_and_sizes_needing_another_split_are_refused
     job = launch(MODULE, tmp_path, ["zero"])
     assert job.returncode == 0, job.explain()
     for record in read_ranks(tmp_path, "zero"):
-        assert "need [1, 2] accumulation steps, but a DeepSpeed engine is built for one" in record["refused"]
+        assert "need [1, 2] accumulation steps, but the DeepSpeed engine accumulates 1 micro-batch(es) a step" in record["refused"]
         runs = record["sweep"]["runs"]
         assert [(r["global_batch_size"], r["repeat"]) for r in runs] == [(16, 0), (16, 1)]
         assert all(len(r["result"]["losses"]) > 0 for r in runs)
+
+
+def test_repeats_alone_keep_the_finders_accumulation():
+    from distlr import LRFinder
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with LRFinder(model, DataLoader(regression_data(n=512), batch_size=8), optimizer, mse, device="cpu") as finder:
+        sweep = finder.sweep(repeats=2, accumulation_steps=2, **SWEEP)
+    assert [(r.global_batch_size, r.micro_batch_size, r.accumulation_steps) for r in sweep.runs] == [(16, 8, 2)] * 2
+    assert {r.result.global_batch_size for r in sweep.runs} == {16}

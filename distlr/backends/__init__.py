@@ -112,8 +112,17 @@ def check_accelerator(accelerator: Any, ctx: DistContext) -> None:
 
 def check_batch_splits(spec: BackendSpec, accumulations: set[int]) -> None:
     """Raise ValueError when the backend cannot run a sweep whose runs accumulate
-    ``accumulations`` micro-batches: a DeepSpeed engine is built for one accumulation."""
-    if len(accumulations) > 1 and _uses_deepspeed(spec.model, spec.deepspeed_config):
-        raise ValueError(f"global_batch_sizes: these sizes need {sorted(accumulations)} accumulation steps, but a "
-                         "DeepSpeed engine is built for one; sweep sizes that share one split (repeats work) or "
-                         "run one job per size")
+    ``accumulations`` micro-batches: a DeepSpeed engine is built for one accumulation (its own,
+    when it or its config fixes one)."""
+    if not _uses_deepspeed(spec.model, spec.deepspeed_config):
+        return
+    if _is_deepspeed_engine(spec.model):
+        fixed = spec.model.gradient_accumulation_steps()
+    else:
+        value = (spec.deepspeed_config or {}).get("gradient_accumulation_steps")
+        fixed = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if len(accumulations) > 1 or (fixed is not None and accumulations != {fixed}):
+        built = f"accumulates {fixed} micro-batch(es) a step" if fixed is not None else "is built for one accumulation"
+        raise ValueError(f"global_batch_sizes: these sizes need {sorted(accumulations)} accumulation steps, but the "
+                         f"DeepSpeed engine {built}; sweep sizes with that one split (repeats work) or run one job "
+                         "per size")

@@ -22,7 +22,6 @@ from distlr.backends.base import BackendSpec
 from distlr.backends.ddp import TorchBackend
 
 _NULL = contextlib.nullcontext()
-_PRECISIONS = {"bf16": "bf16", "fp16": "fp16"}
 
 
 class AccelerateSync:
@@ -46,7 +45,8 @@ class AccelerateOps:
 
     def __init__(self, accelerator: Any, optimizer: Any) -> None:
         self.accelerator, self.optimizer = accelerator, optimizer
-        self.precision = _PRECISIONS.get(str(getattr(accelerator, "mixed_precision", "no")))
+        # The accelerator's mixed_precision decides, "no" included: find()'s amp must agree.
+        self.precision = str(getattr(accelerator, "mixed_precision", "no"))
         self.scaler = getattr(accelerator, "scaler", None)
 
     def configure(self, amp: str, device: torch.device) -> None:
@@ -54,6 +54,11 @@ class AccelerateOps:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return self.accelerator.autocast()
+
+    def zero_grad(self) -> None:
+        # The prepared optimizer's zero_grad does nothing while the accelerator's own
+        # accumulation says gradients are not synced: clear the wrapped optimizer's directly.
+        getattr(self.optimizer, "optimizer", self.optimizer).zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         # The accelerator divides by its own gradient_accumulation_steps; distlr already took

@@ -49,7 +49,8 @@ class StepOps(Protocol):
     (``TorchOps``) or through a training loop's runner (``distlr.backends.accelerate``)."""
 
     precision: str | None
-    """"bf16"/"fp16" when the runner fixes the precision, else None (``amp`` decides)."""
+    """The precision the runner fixes ("no", "bf16", "fp16"; an ``amp`` that differs is refused),
+    or None when ``amp`` decides."""
     scaler: Any | None
     """The loss scaler the snapshot saves and restores, if any."""
 
@@ -61,6 +62,9 @@ class StepOps(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a micro-batch's share of the step's loss."""
+
+    def zero_grad(self) -> None:
+        """Clear the gradients before a step's first micro-batch."""
 
     def step(self, params: list[torch.Tensor], max_grad_norm: float | None) -> bool:
         """Clip and step the optimizer; True when the step was skipped (an fp16 overflow)."""
@@ -87,6 +91,9 @@ class TorchOps:
         if self._amp == "no":
             return _NULL
         return torch.autocast(self._device_type, dtype=torch.bfloat16 if self._amp == "bf16" else torch.float16)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss if self._active_scaler is None else self._active_scaler.scale(loss)).backward()
@@ -170,9 +177,11 @@ class TorchBackend:
 
     def configure(self, args: SweepArgs) -> None:
         for precision, who in ((self._sync.precision, "the model computes in {} by itself (its FSDP "
-                                "MixedPrecisionPolicy)"), (self._ops.precision, "the Accelerator runs {}")):
+                                "MixedPrecisionPolicy)"), (self._ops.precision, "the Accelerator's mixed_precision "
+                                                           "is '{}'")):
             if precision is not None and args.amp not in ("no", precision):
-                raise ValueError(f"amp={args.amp!r} but {who.format(precision)}; pass amp='no' or amp={precision!r}")
+                allowed = "amp='no'" if precision == "no" else f"amp='no' or amp={precision!r}"
+                raise ValueError(f"amp={args.amp!r} but {who.format(precision)}; pass {allowed}")
         self.micro_batch_size = None  # measured again: a sweep may change the loader between finds
         fixed = self._sync.precision or self._ops.precision
         self._ops.configure("no" if fixed else args.amp, self.device)  # a fixed precision casts by itself
@@ -185,7 +194,7 @@ class TorchBackend:
         """Forward, backward and one optimizer step over ``micro_batches``."""
         if not self.model.training:
             self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._ops.zero_grad()
         n = len(micro_batches)
         for i, raw in enumerate(micro_batches):
             batch = prepare_batch(raw, self.device, causal_lm=self.causal_lm, has_criterion=self.criterion is not None)

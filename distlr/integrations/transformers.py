@@ -84,7 +84,10 @@ def find_lr(trainer: Any, *, apply: bool = False, **find_kwargs: Any) -> LRFinde
             result = finder.find(**kwargs)
     finally:
         touched.restore(trainer)
-    publish(trainer, result, report_to)
+    try:
+        publish(trainer, result, report_to)
+    except Exception as err:  # rank 0 alone writes: a failure here must not part it from the others
+        logger.warning("find_lr: could not write or log the result (%s); the result is returned as usual", err)
     if apply:
         apply_result(trainer, result)
     return result

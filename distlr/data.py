@@ -163,25 +163,30 @@ def _generators(loader: Any) -> list[torch.Generator]:
 def reshuffled(loader: Any, ctx: DistContext, *, batch_size: int, seed: int) -> DataLoader:
     """The loader's dataset read again for one run of a sweep: ``batch_size`` per rank, this
     rank's shard, shuffled with ``seed`` (the same order on every rank and for every run with that
-    seed). Collate function, workers, pinning and drop_last are the loader's.
+    seed). Collate function, workers (their init function, prefetching, persistence), pinning,
+    timeout and drop_last are the loader's.
 
     Raises:
-        ValueError: the loader is no ``DataLoader`` over a map-style dataset (it cannot be read
-            at another batch size or in another order from outside).
+        ValueError: the loader is no ``DataLoader`` over a map-style dataset, or it has a sampler
+            of its own (a weighted one, say) that a shuffled order would drop.
     """
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         raise ValueError(f"a sweep over batch sizes or repeats reads train_dataloader's dataset at other batch "
                          f"sizes and orders; a {type(loader).__name__} cannot be, pass a torch DataLoader over a "
                          "map-style Dataset")
+    if not isinstance(loader.sampler, (RandomSampler, SequentialSampler, DistributedSampler)):
+        raise ValueError(f"a sweep reads train_dataloader's dataset in shuffled orders of its own, which would drop "
+                         f"its {type(loader.sampler).__name__}; pass a DataLoader with shuffle=True or False")
     if ctx.distributed:
         sampler: Any = DistributedSampler(loader.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                           seed=seed, drop_last=loader.drop_last)
     else:
         sampler = RandomSampler(loader.dataset, generator=torch.Generator().manual_seed(seed))
     workers = loader.num_workers
+    extra = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers} if workers else {}
     return DataLoader(loader.dataset, batch_size=batch_size, sampler=sampler, collate_fn=loader.collate_fn,
                       num_workers=workers, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-                      persistent_workers=loader.persistent_workers if workers else False)
+                      worker_init_fn=loader.worker_init_fn, timeout=loader.timeout, **extra)
 
 
 def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:

@@ -357,6 +357,11 @@ class LRFinder:
         D.agree_on_arguments(self.ctx, "sweep() arguments",
                              {"global_batch_sizes": sorted(sizes), "repeats": repeats,
                               "target_global_batch_size": target_global_batch_size})
+        tiny = [b for b, (micro, _) in splits.items() if micro == 1 and micro_max > 1]
+        if tiny and self.ctx.is_main:
+            logger.warning("global batch %s: the per-rank share has no divisor up to batch_size=%d but 1, so these "
+                           "runs read micro-batches of 1 (slow; BatchNorm cannot train on them)",
+                           ", ".join(map(str, tiny)), micro_max)
         plan = [(b, r) for b in sorted(sizes) for r in range(repeats)]
         runs: list[SweepRun] = []
         original = self.train_dataloader

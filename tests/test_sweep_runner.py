@@ -263,3 +263,18 @@ def test_repeats_alone_keep_the_finders_accumulation():
         sweep = finder.sweep(repeats=2, accumulation_steps=2, **SWEEP)
     assert [(r.global_batch_size, r.micro_batch_size, r.accumulation_steps) for r in sweep.runs] == [(16, 8, 2)] * 2
     assert {r.result.global_batch_size for r in sweep.runs} == {16}
+
+
+def test_a_loader_with_a_sampler_of_its_own_is_refused_before_any_run():
+    from torch.utils.data import WeightedRandomSampler
+
+    from distlr import LRFinder
+
+    model = mlp()
+    data = regression_data(n=256)
+    loader = DataLoader(data, batch_size=8, sampler=WeightedRandomSampler([1.0] * 256, 256))
+    before = state_digest(model)
+    with LRFinder(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), mse, device="cpu") as finder:
+        with pytest.raises(ValueError, match="would drop its WeightedRandomSampler; pass a DataLoader with shuffle"):
+            finder.sweep([8, 16], **SWEEP)
+    assert state_digest(model) == before

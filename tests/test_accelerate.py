@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from helpers import (EQUIV, Scenarios, assert_same_bits, deepspeed_engine, digest, ds_config, engine_digest, fingerprint, launch, mlp,
-                     mse, read_ranks, regression_data, run_job, state_digest)
+from helpers import (EQUIV, Scenarios, assert_same_bits, deepspeed_engine, digest, ds_config, engine_digest, errors_of,
+                     fingerprint, launch, mlp, mse, read_ranks, regression_data, run_job, state_digest)
 from test_distributed import assert_matches_one_process
 
 pytestmark = pytest.mark.timeout(400)
@@ -80,11 +80,7 @@ def equivalence(out: Path, accumulation: str, accelerator_accumulation: str) -> 
         assert not accelerator.sync_gradients and model.module[0].weight.grad is not None
     before = fingerprint(model, optimizer)
     with LRFinder.from_accelerator(accelerator, model, optimizer, loader, mse) as finder:
-        try:
-            finder.find(num_steps=5, amp="bf16")
-            refused = None
-        except ValueError as e:
-            refused = str(e)
+        refused = errors_of({"amp": lambda: finder.find(num_steps=5, amp="bf16")})["amp"]
         result = finder.find(**EQUIV, accumulation_steps=steps).to_dict()
     assert_same_bits(before, fingerprint(model, optimizer))  # the script's gradient is back too
     return {**result, "refused": refused}
@@ -120,11 +116,7 @@ def bf16(out: Path) -> dict:
     seen = []
     model.module[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     with LRFinder.from_accelerator(accelerator, model, optimizer, loader, mse) as finder:
-        try:
-            finder.find(num_steps=5, amp="fp16")
-            refused = None
-        except ValueError as e:
-            refused = str(e)
+        refused = errors_of({"amp": lambda: finder.find(num_steps=5, amp="fp16")})["amp"]
         steps_when_refused = len(seen)
         result = finder.find(min_lr=1e-4, max_lr=1.0, num_steps=10)
     return {"refused": refused, "steps_when_refused": steps_when_refused, "dtypes": sorted({str(d) for d in seen}),
@@ -196,7 +188,7 @@ def test_the_accelerator_records_the_curve_of_one_process_with_the_global_batch(
     results = read_ranks(accelerate_job, spec)
     assert results[0] == results[1]
     refused = results[0].pop("refused")
-    assert refused == "amp='bf16' but the Accelerator's mixed_precision is 'no'; pass amp='no'"
+    assert refused == "ValueError: amp='bf16' but the Accelerator's mixed_precision is 'no'; pass amp='no'"
     assert_matches_one_process(results[0], world=2)
 
 
@@ -213,7 +205,7 @@ def test_the_scripts_own_loop_trains_on_as_if_no_sweep_had_run(accelerate_job):
 
 def test_an_accelerator_in_bf16_sweeps_in_bf16_and_refuses_a_contradicting_amp(accelerate_job):
     for record in read_ranks(accelerate_job, "bf16"):
-        assert record["refused"] is not None and "amp='fp16'" in record["refused"] and "bf16" in record["refused"]
+        assert record["refused"].startswith("ValueError: amp='fp16'") and "bf16" in record["refused"]
         assert record["steps_when_refused"] == 0
         assert record["dtypes"] == ["torch.bfloat16"]
         assert len(record["losses"]) == 10 and all(loss == loss for loss in record["losses"])

@@ -160,16 +160,10 @@ def _generators(loader: Any) -> list[torch.Generator]:
     return found
 
 
-def reshuffled(loader: Any, ctx: DistContext, *, batch_size: int, seed: int) -> DataLoader:
-    """The loader's dataset read again for one run of a sweep: ``batch_size`` per rank, this
-    rank's shard, shuffled with ``seed`` (the same order on every rank and for every run with that
-    seed). Collate function, workers (their init function, prefetching, persistence), pinning,
-    timeout and drop_last are the loader's.
-
-    Raises:
-        ValueError: the loader is no ``DataLoader`` over a map-style dataset, or it has a sampler
-            of its own (a weighted one, say) that a shuffled order would drop.
-    """
+def check_reshufflable(loader: Any) -> None:
+    """Raise ValueError unless a sweep can read ``loader``'s dataset at other batch sizes and in
+    orders of its own (``reshuffled``): a ``DataLoader`` over a map-style dataset whose sampler
+    is a plain random, sequential or distributed one (a weighted one would be dropped)."""
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         raise ValueError(f"a sweep over batch sizes or repeats reads train_dataloader's dataset at other batch "
                          f"sizes and orders; a {type(loader).__name__} cannot be, pass a torch DataLoader over a "
@@ -177,16 +171,38 @@ def reshuffled(loader: Any, ctx: DistContext, *, batch_size: int, seed: int) -> 
     if not isinstance(loader.sampler, (RandomSampler, SequentialSampler, DistributedSampler)):
         raise ValueError(f"a sweep reads train_dataloader's dataset in shuffled orders of its own, which would drop "
                          f"its {type(loader.sampler).__name__}; pass a DataLoader with shuffle=True or False")
+
+
+def reshuffled(loader: Any, ctx: DistContext, *, batch_size: int, seed: int) -> DataLoader:
+    """The loader's dataset read again for one run of a sweep: ``batch_size`` per rank, this
+    rank's shard, shuffled with ``seed`` (the same order on every rank and for every run with that
+    seed); everything else as the loader has it (``_with_sampler``).
+
+    Raises:
+        ValueError: see ``check_reshufflable``.
+    """
+    check_reshufflable(loader)
     if ctx.distributed:
         sampler: Any = DistributedSampler(loader.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                           seed=seed, drop_last=loader.drop_last)
     else:
         sampler = RandomSampler(loader.dataset, generator=torch.Generator().manual_seed(seed))
+    return _with_sampler(loader, sampler, batch_size)
+
+
+def _with_sampler(loader: DataLoader, sampler: Any, batch_size: int) -> DataLoader:
+    """``loader`` rebuilt over the same dataset with ``sampler`` and ``batch_size``: collate
+    function, workers (init function, context, prefetching, persistence), pinning, timeout and
+    drop_last are the loader's."""
     workers = loader.num_workers
-    extra = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers} if workers else {}
-    return DataLoader(loader.dataset, batch_size=batch_size, sampler=sampler, collate_fn=loader.collate_fn,
-                      num_workers=workers, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-                      worker_init_fn=loader.worker_init_fn, timeout=loader.timeout, **extra)
+    return DataLoader(
+        loader.dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context if workers else None,
+        prefetch_factor=loader.prefetch_factor if workers else None,
+        persistent_workers=loader.persistent_workers if workers else False,
+    )
 
 
 def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
@@ -219,15 +235,7 @@ def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
         loader.dataset, num_replicas=ctx.world_size, rank=ctx.rank,
         shuffle=isinstance(loader.sampler, RandomSampler), seed=seed, drop_last=loader.drop_last,
     )
-    workers = loader.num_workers
-    sharded = DataLoader(
-        loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context if workers else None,
-        prefetch_factor=loader.prefetch_factor if workers else None,
-        persistent_workers=loader.persistent_workers if workers else False,
-    )
+    sharded = _with_sampler(loader, sampler, loader.batch_size)
     _check_shard(sharded, ctx)
     return sharded
 

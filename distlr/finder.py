@@ -25,7 +25,7 @@ from distlr.analysis import build_result
 from distlr.args import DEFAULTS, SweepArgs, is_int
 from distlr.batch import Criterion, LossFn
 from distlr.choices import SNAPSHOT_MODES, AmpMode, SnapshotMode, StepMode, SuggestionMethod, check_choice
-from distlr.data import BatchStream, check_loader, reshuffled, shard_loader
+from distlr.data import BatchStream, check_loader, check_reshufflable, reshuffled, shard_loader
 from distlr.fit import Spread, SweepResult, SweepRun, split_global_batch
 from distlr.ladder import lr_ladder
 from distlr.plot import plot_result
@@ -315,7 +315,8 @@ class LRFinder:
         has no suggestion is recorded, and the sweep goes on.
 
         Args:
-            global_batch_sizes: the sizes (default: the loader's batch size x ranks).
+            global_batch_sizes: the sizes (default: the one ``find()`` would run, the loader's
+                batch size x ranks x ``accumulation_steps``).
             repeats: runs per size, each with its own data order (>= 1).
             target_global_batch_size: a size to predict the LR for from the fit.
             **find_kwargs: ``find()``'s arguments; ``accumulation_steps`` only without
@@ -353,7 +354,7 @@ class LRFinder:
                                  "use an int >= 1")
             splits = {b: split_global_batch(b, world, micro_max) for b in sorted(sizes)}
             backends.check_batch_splits(self._spec, {a for _, a in splits.values()})
-            reshuffled(self.train_dataloader, self.ctx, batch_size=1, seed=0)  # can it be re-read at all?
+            check_reshufflable(self.train_dataloader)
         D.agree_on_arguments(self.ctx, "sweep() arguments",
                              {"global_batch_sizes": sorted(sizes), "repeats": repeats,
                               "target_global_batch_size": target_global_batch_size})

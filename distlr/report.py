@@ -106,11 +106,8 @@ def sweep_summary(sweep: SweepResult) -> str:
     for size, spread in sweep.spreads().items():
         run = runs[size]
         split = f"{run.micro_batch_size} x {sweep.world_size} x {run.accumulation_steps}"
-
-        def fmt(value: float | None) -> str:
-            return "-" if value is None else f"{value:.3e}"
-        lines.append(f"{size:>12} | {split:>20} | {fmt(spread.geometric_mean):>23}   {fmt(spread.min):<10} "
-                     f"{fmt(spread.max):<10} {spread.answered}/{spread.repeats}")
+        lines.append(f"{size:>12} | {split:>20} | {_lr_or_dash(spread.geometric_mean):>23}   "
+                     f"{_lr_or_dash(spread.min):<10} {_lr_or_dash(spread.max):<10} {spread.answered}/{spread.repeats}")
     fit = sweep.fit
     if fit is None:
         lines.append("fit: fewer than two batch sizes gave a suggestion")
@@ -184,6 +181,10 @@ def new_output_dir(requested: str | None, *, overwrite: bool, root: str | Path =
     if not os.access(path, os.W_OK):
         raise PermissionError(f"output_dir={str(path)!r} is not writable; choose a writable --output-dir")
     return path, created
+
+
+def _lr_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3e}"
 
 
 def free_name(path: Path, also: tuple[str, ...] = ()) -> Path:

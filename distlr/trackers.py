@@ -36,7 +36,7 @@ from distlr.report import free_name
 from distlr.result import LRFinderResult
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
-_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+"""Each tracker's name is also the module it needs."""
 RUN_NAME = "lr-finder"
 X_SCALE = 1000
 """TensorBoard's x-axis is an integer step: a point at LR ``lr`` is logged at
@@ -72,11 +72,11 @@ def check(names: Iterable[str]) -> None:
     missing = [name for name in names if not _installed(name)]
     if missing:
         raise ImportError(f"report_to={','.join(missing)}: not installed; pip install 'distlr[trackers]' "
-                          f"(or {' '.join(_PACKAGES[m] for m in missing)})")
+                          f"(or {' '.join(missing)})")
 
 
 def _installed(name: str) -> bool:
-    return importlib.util.find_spec(_PACKAGES[name]) is not None
+    return importlib.util.find_spec(name) is not None
 
 
 def summary_of(result: LRFinderResult) -> dict[str, float]:

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from distlr.args import SweepArgs
-from distlr.choices import closest
+from distlr.choices import AMP_MODES, closest
 from distlr.config import BUILTIN_MODELS, RunConfig, field_defaults, field_docs, field_types, load_yaml
 
 DESCRIPTION = """\
@@ -68,9 +68,6 @@ def parse_cli_sources(argv: list[str] | None = None) -> tuple[RunConfig, dict[st
     return RunConfig.from_dict(merged, source=f"--config {config_file}" if config_file else "arguments"), launched
 
 
-_ACCELERATE_PRECISIONS = ("no", "bf16", "fp16")
-
-
 def from_accelerate_launch(env: Mapping[str, str], given: Iterable[str] = ()) -> dict[str, object]:
     """The settings ``accelerate launch`` hands its processes (from its flags or the user's
     ``accelerate config``), as distlr keys: ``--mixed_precision`` is ``amp``, ``--use_deepspeed
@@ -85,9 +82,9 @@ def from_accelerate_launch(env: Mapping[str, str], given: Iterable[str] = ()) ->
     given = set(given)
     precision = env.get("ACCELERATE_MIXED_PRECISION")
     if precision is not None and "amp" not in given:
-        if precision.lower() not in _ACCELERATE_PRECISIONS:
+        if precision.lower() not in AMP_MODES:
             raise ValueError(f"accelerate launch --mixed_precision {precision}: distlr runs "
-                             f"{', '.join(_ACCELERATE_PRECISIONS)}; launch with one of those or pass --amp")
+                             f"{', '.join(AMP_MODES)}; launch with one of those or pass --amp")
         out["amp"] = precision.lower()
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not given & {"deepspeed", "fsdp"}:
         path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")

@@ -7,34 +7,62 @@ Pure: numpy only, no torch.distributed, no I/O. Rank 0 calls it and broadcasts w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from distlr.curve import Curve, ema
 from distlr.result import LRFinderResult
 from distlr.schedule import recommend_schedule
+from distlr.suggest import (CONSTANT_DIVISOR, MIN_POINTS, MIN_WIDTH, PEAK_DIVISOR, SUGGESTION_RULES,
+                            VAL_CONSTANT_DIVISOR, VAL_PEAK_DIVISOR, VAL_WSD_DIVISOR, WIDTH_FRACTION, WSD_DIVISOR,
+                            Suggestion, below_turn_up, blow_up, read_curve, suggest_all)
 from distlr.tracker import StopReason
-from distlr.suggest import (MIN_POINTS, MIN_RELATIVE_DROP, MIN_WIDTH, NOISE_FACTOR, SUGGESTION_RULES, WIDTH_FRACTION,
-                            Suggestion, SuggestionRule, blow_up, peak_with, read_curve, suggest_all)
 
-CONFIDENCE_DRAWS = 48
-"""Bootstrap resamples of the curve's noise behind ``result.confidence`` (a few ms in all)."""
+CONFIDENCE_DRAWS = 32
+"""Bootstrap resamples of the curve's noise behind ``result.confidence`` (about a millisecond)."""
 
-WIDE_SPREAD = 4.0
-"""A suggestion whose 10-90 % bootstrap range spans more than this factor is called uncertain."""
+SEED_SPREAD = 2.25
+"""The band is at least this factor either side of the suggestion: on the suggestion benchmark,
+another range test with another data order and initialisation (another seed) moved the
+suggestion by at most this factor in 80 % of cases, held out over families (tuning.md, "The
+band from seed to seed"); the curve's own noise alone (the bootstrap) covered far fewer
+(results.md)."""
+
+WIDE_SPREAD = 8.0
+"""A band wider than this factor (high / low) is called uncertain, with the advice to repeat:
+about twice the width (5.1) that ``SEED_SPREAD`` gives every suggestion."""
 
 EARLY_DIVERGENCE_FRACTION = 0.1
 """Diverging within this fraction of the ladder means the range started too high."""
 
-END_FRACTION = 0.05
-"""A loss minimum within this fraction of the last point means the loss may still be falling ..."""
-
-END_SLOPE_SHARE = 0.25
-"""... if over that last stretch it still falls at this share of its fastest rate or more."""
-
 START_SLOPE_SHARE = 0.5
 """A loss that falls at this share of its fastest rate over the first points has no flat start."""
+
+END_FRACTION = 0.05
+"""A loss that never turned up may still be falling: read over this fraction of the last points ..."""
+
+END_SLOPE_SHARE = 0.25
+"""... it is, if it falls there at this share of its fastest rate or more (a curve that has
+only flattened out is not "still falling"; both decide the note alone, not the suggestion)."""
+
+READINGS = {"constant": (CONSTANT_DIVISOR, VAL_CONSTANT_DIVISOR, "the suggestion"),
+            "peak": (PEAK_DIVISOR, VAL_PEAK_DIVISOR, "the peak"), "wsd": (WSD_DIVISOR, VAL_WSD_DIVISOR, "the plateau")}
+"""The default's three numbers: (divisor of the training loss's turn-up, divisor of the
+validation loss's, what the number is)."""
+
+
+def default_number(curve: Curve, val: Curve | None, kind: str) -> Suggestion:
+    """One of the default's numbers (``READINGS``): below the turn-up of the training loss, and
+    with a validation curve the lower of that and the same below the validation loss's turn-up."""
+    train_divisor, val_divisor, what = READINGS[kind]
+    found = below_turn_up(curve, train_divisor, what=what)
+    if val is None:
+        return found
+    from_val = below_turn_up(val, val_divisor, what=what)
+    if from_val.lr is None or (found.lr is not None and found.lr <= from_val.lr):
+        return found
+    return from_val
 
 
 def usable_curve(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
@@ -51,92 +79,92 @@ def usable_curve(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequen
     return curve.head(cut)
 
 
+def validation_curve(lrs: Sequence[float], val_steps: Sequence[int], val_losses: Sequence[float],
+                     end_lr: float, smooth_factor: float) -> Curve | None:
+    """The validation losses as a curve against the LR of the step they followed, up to
+    ``end_lr`` (the last usable training point); None with fewer than ``MIN_POINTS``."""
+    pairs = [(lrs[s], v) for s, v in zip(val_steps, val_losses) if math.isfinite(v) and lrs[s] <= end_lr]
+    if len(pairs) < MIN_POINTS:
+        return None
+    return Curve.of([lr for lr, _ in pairs], [v for _, v in pairs], smooth_factor=smooth_factor)
+
+
 def trend(curve: Curve) -> list[float]:
-    """The zero-lag smoothing ``steepest_gradient`` reads, for the result and the plot."""
+    """The zero-lag smoothing the rules read, for the result and the plot."""
     if len(curve) < MIN_POINTS:
         return curve.losses.tolist()
     return curve.trend(max(MIN_WIDTH, WIDTH_FRACTION * len(curve))).level.tolist()
 
 
-def peak_lr(curve: Curve, chosen: Suggestion) -> Suggestion:
-    """The peak of a one-cycle or warmup-cosine schedule built on ``chosen`` (the constant LR);
-    see ``distlr.suggest.peak_with``."""
-    return peak_with(curve, chosen)
-
-
-def rule_outputs(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
-                 diverged_at: int | None) -> dict[str, float | None]:
-    """Every rule's LR for one recorded curve, by rule name, plus ``"one_cycle"`` (the peak
-    built on the default rule). The suggestion benchmark re-scores stored curves with it."""
-    curve = usable_curve(lrs, losses, smoothed, diverged_at)
-    suggestions = suggest_all(curve)
-    out: dict[str, float | None] = {name: s.lr for name, s in suggestions.items()}
-    out["one_cycle"] = peak_lr(curve, suggestions["steepest_gradient"]).lr
-    return out
-
-
-def confidence(curve: Curve, rule: SuggestionRule, *, smooth_factor: float, draws: int = CONFIDENCE_DRAWS,
-               seed: int = 0) -> dict[str, float] | None:
-    """How far the rule's pick moves under the curve's own noise (a parametric bootstrap).
+def confidence(curve: Curve, rule: Callable[[Curve], Suggestion], *, smooth_factor: float,
+               draws: int = CONFIDENCE_DRAWS, seed: int = 0, actual: float | None = None) -> dict[str, float] | None:
+    """How far the rule's pick moves, under the curve's own noise and from seed to seed.
 
     The raw losses are split into a trend (the zero-lag smoother at its narrowest, so the
     trend keeps the curve's bends) and a noise level (``distlr.curve.noise_level``, robust to
     the trend); each draw puts fresh normal noise of that level on the trend, recomputes the
     EMA and asks the rule again. A fixed seed on a private generator: the same answer every
-    time, and no global RNG is touched.
+    time, and no global RNG is touched. The band is then widened to at least ``SEED_SPREAD``
+    either side of the pick (``actual``: the rule's own answer unless given), what another
+    range test (another seed) moved it by on the benchmark.
 
     Returns:
-        ``{"low", "high"}`` (the 10th and 90th percentile picks, widened to hold the rule's own
-        pick on the curve), ``"spread"`` (high / low),
+        ``{"low", "high"}`` (the band), ``"spread"`` (high / low), ``"noise_low"``,
+        ``"noise_high"`` (the 10th and 90th percentile picks of the bootstrap alone),
         ``"answered"`` (the fraction of draws with a suggestion) and ``"draws"``; None for a
-        curve too short to resample.
+        curve too short to resample or without a pick.
     """
-    n = len(curve)
-    if n < MIN_POINTS:
+    actual = rule(curve).lr if actual is None else actual
+    if len(curve) < MIN_POINTS or actual is None:
         return None
     fit = curve.trend(MIN_WIDTH)
     rng = np.random.default_rng(seed)
     picks = []
     for _ in range(draws):
-        losses = fit.level + rng.normal(0.0, fit.noise, n)
+        losses = fit.level + rng.normal(0.0, fit.noise, len(curve))
         pick = rule(curve.with_losses(losses, ema(losses, smooth_factor))).lr
         if pick is not None:
             picks.append(math.log10(pick))
-    if not picks:
-        return {"low": math.nan, "high": math.nan, "spread": math.nan, "answered": 0.0, "draws": draws}
-    low, high = 10 ** np.percentile(picks, 10), 10 ** np.percentile(picks, 90)
-    actual = rule(curve).lr
-    if actual is not None:  # the band always holds the suggestion itself
-        low, high = min(low, actual), max(high, actual)
-    return {"low": float(low), "high": float(high), "spread": float(high / low),
-            "answered": len(picks) / draws, "draws": draws}
+    noise_low, noise_high = ((10 ** np.percentile(picks, 10), 10 ** np.percentile(picks, 90)) if picks
+                             else (actual, actual))
+    low = min(noise_low, actual / SEED_SPREAD)
+    high = max(noise_high, actual * SEED_SPREAD)
+    return {"low": float(low), "high": float(high), "spread": float(high / low), "noise_low": float(noise_low),
+            "noise_high": float(noise_high), "answered": len(picks) / draws, "draws": draws}
 
 
-def range_notes(curve: Curve, *, num_steps: int, stop_reason: str, diverged_at: int | None,
-                max_lr: float, min_lr: float) -> list[str]:
+def range_notes(curve: Curve, *, num_steps: int, stop_reason: str, diverged_at: int | None, max_lr: float,
+                min_lr: float, extended_steps: int) -> list[str]:
     """What was wrong with the range the sweep tried, and what to change. Empty when nothing."""
     notes = []
     n = len(curve)
     if stop_reason != "completed" and diverged_at is not None and diverged_at < max(
             MIN_POINTS, EARLY_DIVERGENCE_FRACTION * num_steps):
-        notes.append(f"the loss diverged at step {diverged_at + 1} of {num_steps}, almost at once: the range "
-                     f"started too high; lower min_lr (e.g. to {min_lr / 1000:.0e})")
+        if diverged_at == 0:
+            notes.append(f"the loss was not finite or blew up at the first step (lr={min_lr:.3g}): the model or the "
+                         "data give no usable loss even at the lowest LR; check the inputs and labels, then lower "
+                         f"min_lr (e.g. to {min_lr / 1000:.0e})")
+        else:
+            notes.append(f"the loss diverged at step {diverged_at + 1} of {num_steps}, almost at once: the range "
+                         f"started too high; lower min_lr (e.g. to {min_lr / 1000:.0e})")
     elif n < MIN_POINTS:
         notes.append(f"only {n} usable points: raise num_steps (at least {MIN_POINTS * 4} is sensible)")
     if n < MIN_POINTS:
         return notes
     r = read_curve(curve)
-    fit, start, lowest = r.fit, r.start, r.lowest
-    falling = r.significance > NOISE_FACTOR and r.drop > MIN_RELATIVE_DROP * abs(r.top)
-    # Still falling: the minimum is at the end and the loss there still falls at a good part of
-    # its fastest rate (a curve that has flattened out has its minimum at the end too).
+    if extended_steps:
+        notes.append(f"the loss had not turned up by max_lr={max_lr:.3g}, so the range went on up the same ladder for "
+                     f"{extended_steps} more step(s), to lr={curve.lrs[-1]:.3g} (extend_range=False keeps to the "
+                     "range)")
     tail = max(1, int(END_FRACTION * n))
-    fastest = float(np.min(fit.slope[start: lowest + 1]))
-    end_slope = float(np.mean(fit.slope[n - 1 - tail:]))
-    if stop_reason == "completed" and falling and lowest >= n - 1 - tail and end_slope < END_SLOPE_SHARE * fastest:
-        notes.append(f"the loss was still falling at max_lr={max_lr:.3g}: the best LR may lie above the range "
-                     f"and every suggestion is capped by it; raise max_lr (e.g. to {max_lr * 100:.0e})")
-    if falling and float(np.mean(fit.slope[: start + 1])) < START_SLOPE_SHARE * fastest:
+    fastest = float(np.min(r.fit.slope[r.start: r.lowest + 1]))
+    end_slope = float(np.mean(r.fit.slope[n - 1 - tail:]))
+    if r.onset is None and r.fell and stop_reason == "completed" and end_slope < END_SLOPE_SHARE * fastest:
+        where = "after extending the range as far as it goes" if extended_steps else f"at max_lr={max_lr:.3g}"
+        fix = "raise max_lr" if extended_steps else "raise max_lr, or leave extend_range on"
+        notes.append(f"the loss was still falling {where}: every suggestion is capped by the range; {fix} "
+                     f"(e.g. max_lr={curve.lrs[-1] * 100:.0e})")
+    if r.fell and float(np.mean(r.fit.slope[: r.start + 1])) < START_SLOPE_SHARE * fastest:
         notes.append(f"the loss was already falling at min_lr={min_lr:.3g}: the flat start is missing, so the "
                      f"descent may begin below the range; lower min_lr (e.g. to {min_lr / 100:.0e})")
     return notes
@@ -163,13 +191,23 @@ def build_result(
     skipped_steps: int = 0,
     total_steps: int | None = None,
     notes: list[str] | None = None,
+    extended_steps: int = 0,
+    val_steps: Sequence[int] = (),
+    val_losses: Sequence[float] = (),
 ) -> LRFinderResult:
-    """Assemble the result of a sweep: every rule's suggestion, the chosen one, the peak for a
-    schedule, how firm the choice is, what was wrong with the range, a schedule."""
+    """Assemble the result of a range test: every rule's suggestion, the chosen one, the peak
+    and plateau for a schedule, how firm the choice is, what was wrong with the range, a schedule."""
     curve = usable_curve(lrs, losses, smoothed, diverged_at)
     suggestions = suggest_all(curve)
-    chosen = suggestions[suggestion_method]
     notes = list(notes or [])
+    val = None if not len(curve) else validation_curve(lrs, val_steps, val_losses, float(curve.lrs[-1]), smooth_factor)
+    if suggestion_method == next(iter(SUGGESTION_RULES)):
+        chosen, peak, plateau = (default_number(curve, val, kind) for kind in ("constant", "peak", "wsd"))
+        if val is not None:
+            notes.append("each number is the lower of its readings of the training loss and of the validation loss "
+                         "(val_loader)")
+    else:
+        chosen = peak = plateau = suggestions[suggestion_method]
     end = diverged_at if diverged_at is not None else len(losses)
     if len(curve) and curve.lrs[-1] < lrs[end - 1]:
         cut = list(lrs).index(float(curve.lrs[-1])) + 1
@@ -177,23 +215,22 @@ def build_result(
                      "rules read only the points before the blow-up")
     if skipped_steps:
         notes.append(f"{skipped_steps} fp16 step(s) overflowed and were retried at the same LR")
-    peak = peak_lr(curve, chosen)
-    spread = confidence(curve, SUGGESTION_RULES[suggestion_method], smooth_factor=smooth_factor) \
-        if chosen.lr is not None else None
-    if spread is not None and (spread["answered"] < 0.8 or spread["spread"] > WIDE_SPREAD):
+    spread = None if chosen.lr is None else confidence(curve, SUGGESTION_RULES[suggestion_method],
+                                                       smooth_factor=smooth_factor, actual=chosen.lr)
+    if spread is not None and spread["spread"] > WIDE_SPREAD:
         notes.append(
-            f"the suggestion is uncertain: under the curve's own noise it moves between {spread['low']:.2e} and "
-            f"{spread['high']:.2e} (and {1 - spread['answered']:.0%} of resampled curves give none); a larger "
-            "batch or more num_steps gives a firmer answer"
+            f"the suggestion is uncertain: it moves between {spread['low']:.2e} and {spread['high']:.2e} "
+            f"({spread['spread']:.0f}x) under the curve's own noise; range tests with other data orders give a firmer "
+            "answer: --repeats 3 on the command line, find_optimal_lr(..., repeats=3) or LRFinder.sweep(repeats=3)"
         )
-    best_idx = None
-    if chosen.lr is not None:
-        # Map the index among the usable points back onto the recorded curve.
-        best_idx = list(lrs).index(float(curve.lrs[chosen.index]))
+    best_idx = None if chosen.lr is None else list(lrs).index(chosen.lr)
     # Measured (samples per step over all ranks) when the sweep gives it, else from the first batch.
     global_batch = global_batch_size
     if global_batch is None and micro_batch_size is not None:
         global_batch = micro_batch_size * world_size * accumulation_steps
+    schedule = None
+    if peak.lr is not None:
+        schedule = recommend_schedule(peak.lr, total_steps=total_steps, plateau_lr=plateau.lr)
     return LRFinderResult(
         optimal_lr=chosen.lr,
         min_lr=min_lr,
@@ -212,8 +249,8 @@ def build_result(
         peak_lr=peak.lr,
         confidence=spread,
         range_notes=range_notes(curve, num_steps=num_steps, stop_reason=stop_reason, diverged_at=diverged_at,
-                                max_lr=max_lr, min_lr=min_lr),
-        schedule=None if peak.lr is None else recommend_schedule(peak.lr, total_steps=total_steps),
+                                max_lr=max_lr, min_lr=min_lr, extended_steps=extended_steps),
+        schedule=schedule,
         step_mode=step_mode,
         world_size=world_size,
         micro_batch_size=micro_batch_size,
@@ -221,4 +258,7 @@ def build_result(
         global_batch_size=global_batch,
         elapsed_s=elapsed_s,
         notes=notes,
+        extended_steps=extended_steps,
+        val_steps=list(val_steps),
+        val_losses=list(val_losses),
     )

@@ -22,6 +22,8 @@ def recommend_schedule(
     div_factor: float = 25.0,
     final_div_factor: float = 1e4,
     min_lr_ratio: float = 0.0,
+    plateau_lr: float | None = None,
+    decay_ratio: float = 0.2,
 ) -> dict[str, Any]:
     """Recommend a schedule whose highest LR is ``peak_lr``.
 
@@ -71,6 +73,9 @@ def recommend_schedule(
     _check_number("div_factor", div_factor, low=1.0, allowed="a finite float >= 1")
     _check_number("final_div_factor", final_div_factor, low=1.0, allowed="a finite float >= 1")
     _check_number("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0, allowed="a float in [0, 1)")
+    if plateau_lr is not None:
+        _check_number("plateau_lr", plateau_lr, low=0.0, low_open=True, allowed="None or a finite float > 0")
+    _check_number("decay_ratio", decay_ratio, low=0.0, high=1.0, low_open=True, allowed="a float in (0, 1)")
 
     peak_lr, warmup_ratio, min_lr_ratio = float(peak_lr), float(warmup_ratio), float(min_lr_ratio)
     pct_start, div_factor, final_div_factor = float(one_cycle_pct_start), float(div_factor), float(final_div_factor)
@@ -97,7 +102,7 @@ def recommend_schedule(
     if warmup_steps == 0:
         notes.append("warmup rounds to 0 steps; DeepSpeed's warmup schedulers still warm up for at least 2 steps")
 
-    return {
+    out = {
         "peak_lr": peak_lr,
         "total_steps": total,
         "one_cycle": {
@@ -128,6 +133,10 @@ def recommend_schedule(
         "deepspeed": _deepspeed_blocks(peak_lr, initial_lr, total, warmup_steps, pct_start, min_lr_ratio),
         "notes": notes,
     }
+    if plateau_lr is not None:
+        out["wsd"] = {"plateau_lr": float(plateau_lr), "warmup_ratio": warmup_ratio, "decay_ratio": float(decay_ratio),
+                      "decay_shape": "linear"}
+    return out
 
 
 def _huggingface_fields(

@@ -5,15 +5,16 @@ Suggestion``, where ``curve`` (a ``distlr.curve.Curve``) holds the ladder, the r
 recorded EMA, already cut where the sweep diverged. Every rule answers with a learning rate the
 sweep actually tried (a point of the ladder) or says why it has none.
 
-The constants below were set with the suggestion benchmark (``benchmarks/suggestion/``); the
-evidence for each is in ``benchmarks/README.md``, section "Suggestion quality".
+The default reads one thing: where the loss turns up (``rise_onset``). The constants below were
+set by leave-one-family-out cross-validation on the suggestion benchmark
+(``benchmarks/suggestion/``, ``tuning.md``); the held-out evidence is in ``results.md``.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,78 +25,57 @@ MIN_POINTS = 5
 """Fewest usable points a curve needs before any rule will suggest an LR."""
 
 MIN_RELATIVE_DROP = 0.01
-"""The loss must fall by at least this fraction of its starting level."""
+"""The loss responds to the LR when it moves by at least this fraction of its level (and by
+more than ``NOISE_FACTOR`` noise standard deviations): a fall that small is no descent, a rise
+that small no turn-up. On the benchmark's noisy curves the noise test decides (0, 1 and 3 % gave
+held-out scores within 0.01 of each other, tuning.md); this one decides for curves without
+noise (synthetic or quantised losses), where a noise of 0 would make any wiggle a turn-up."""
 
 MIN_ABSOLUTE_DROP = 1e-12
-"""Floor on the required drop, so that a curve starting at a loss of exactly 0 is judged too."""
+"""Floor on the required move, so that a curve at a loss of exactly 0 is judged too."""
 
-WIDTH_FRACTION = 0.04
-"""``steepest_gradient``'s zero-lag smoother averages over a Gaussian of this fraction of the
-points (4 of 100), at least ``MIN_WIDTH``. On the benchmark's tune half (tuning.md) 0.08 lagged
-into too-low picks (median regret 0.17 against 0.06); 0.02 scored 0.045, a difference below what
-the benchmark resolves (the 3-seed means vary by about 2 %), and answered one curve fewer: the
-narrower smoothing is the noisier one, so 0.04 stays."""
+WIDTH_FRACTION = 0.02
+"""The zero-lag smoother averages over a Gaussian of this fraction of the points (2 of 100), at
+least ``MIN_WIDTH``. Held out on the benchmark (tuning.md), 0.02 read the turn-up better than
+0.01 (noisier), 0.04 and 0.08 (a wide kernel climbs before the loss does): summed over the three
+protocols 0.96 against 0.98, 1.17 and 1.31."""
 
 MIN_WIDTH = 1.5
 """Narrowest smoothing kernel, in points (short sweeps of 30 points still average ~5 raw losses)."""
 
+SIGNIFICANCE_WIDENING = 3.0
+"""Whether the loss fell is also read on a smoothing this many times wider: at a minimum in the
+curve's last points (a range that ended while the loss still fell) the narrow kernel is
+one-sided and its noise large, the wide one pins the fall down (a noisy regression on 1e-8..1e-1
+fell from 9 to 1.3 and was called flat on the narrow reading alone, tests/test_extension.py)."""
+
 SKIP_FRACTION = 0.05
-"""``steepest_gradient`` searches for the minimum and the steepest point only after this
-fraction of the points (at least one): the smoother is one-sided there."""
+"""The minimum is searched only after this fraction of the points (at least one): the smoother
+is one-sided there."""
 
 NOISE_FACTOR = 4.0
-"""A descent counts only if it exceeds this many standard deviations of itself (see
-``read_curve``). On pure noise, 400 curves each of 30, 50, 100 and 300 points, the 99th
-percentile of that ratio was 3.4-3.8 for normal and 3.9-4.7 for log-normal noise (5.4-6.9 for
-Student t with 3 dof); 5 refused a quarter of the noisy benchmark curves whose loss did fall
-(batch noise ~30 % of the loss), 4 keeps them. What noise lets through is flagged by
-``result.confidence`` (most resampled curves then give no answer). On the tune half (tuning.md)
-3 and 4 gave the same regrets and 5 refused 2 more curves."""
+"""A move of the loss counts only beyond this many standard deviations of the smoothed level.
+On pure noise (400 curves each of 30, 50, 100 and 300 points) the 99th percentile of a fall read
+this way was 3.4-3.8 standard deviations for normal and 3.9-4.7 for log-normal noise. Held out on
+the benchmark (tuning.md) 2 scored within the seed noise of 4 (0.95 against 0.96) and 8 worse (1.77)."""
 
-SIGNIFICANCE_WIDENING = 3.0
-"""The noise test reads the level before the descent on a smoothing this many times wider than
-the rule's: a flat start spans many points, and its noise shrinks by about the square root."""
+CONSTANT_DIVISOR = 10 ** 1.1
+"""``steepest_gradient``: a constant LR this many times (12.6) below where the loss turns up.
+Chosen on all families under the constant-LR protocol (tuning.md); held out, the 8 folds chose
+7.9 to 17.8: the best constant LR sits that much nearer to or further from the turn-up from
+one kind of task to another."""
 
-BOTTOM_TOLERANCE = 0.05
-"""The descent ends at the first point within this fraction of the drop above the minimum: on
-a flat bottom the exact minimum is wherever the noise put it, its start is not. On the tune half
-(tuning.md) 0.1-0.3 moved the end earlier and the picks lower (3-5 more too-low, median regret
-0.068-0.078 against 0.060), and so did ending the descent where the trend's fall slows to a share
-of its fastest (``find_descent``'s ``flat_share``, off: 0.068). Known cost: a long, nearly flat
-tail that dips lowest at ``max_lr`` moves the end, and the pick, to that tail."""
+PEAK_DIVISOR = 10 ** 0.65
+"""The one-cycle / warmup-cosine peak: this many times (4.5) below where the loss turns up, the
+one-cycle protocol's choice (folds: 4.0 to 4.5)."""
 
-DESCENT_BAND = 0.25
-"""The steepest point is searched after the last time the loss was within this fraction of
-the drop below its top, so a dip in a flat, noisy start that comes back up cannot win
-(tests/test_suggest.py's noisy-start curve). 0.1 to 0.5 gave the same picks on the tune half."""
+WSD_DIVISOR = 10 ** 0.9
+"""The plateau of a warmup-stable-decay schedule: this many times (7.9) below where the loss
+turns up, the WSD protocol's choice (folds: 7.9 to 12.6)."""
 
-MARGIN = 5.0
-"""The seed's "slightly below": the constant LR is the steepest point's LR divided by this ..."""
-
-FLOOR = 10.0
-"""... but never less than the LR where the descent ends (``Descent.bottom``) divided by this ...
-The suggestion benchmark's tune half chose MARGIN 5 and FLOOR 10 from 4 x 5 x 4 variants: the
-only ones with no too-high or diverged pick, and among those the lowest median and worst regret
-(``benchmarks/suggestion/tuning.md``). On the tune half the steepest point lay up to 1.5 decades
-below the best constant LR (3.5 on one noisy curve) and 0.8 above it, the end of the descent
-0.5 below to 1.2 above it with half the spread: the floor carries the weight, and the steepest
-point moves the pick only within the factor of 2 above it."""
-
-GUARD = 5.0
-"""... and never more than the LR where the descent ends divided by this: past it the run-up to
-divergence begins. The steepest point lies before the descent ends, so with GUARD = MARGIN the
-margin already keeps the pick below it: tuning.md's variants with guard 1 to 5 (and MARGIN 5,
-FLOOR 10) pick the same LRs, and it lists the first as chosen. With FLOOR at the guard (the pick
-the descent's end / GUARD alone) a guard of 1-5 picked too high on 3-15 of 44 curves."""
-
-PEAK_FACTOR = 10.0
-"""The one-cycle / warmup-cosine peak is at most this many times the constant-LR suggestion ..."""
-
-PEAK_GUARD = 3.0
-"""... and at most the LR where the descent ends divided by this. Chosen on the tune half under
-the one-cycle protocol, on the chosen constant rule: with FLOOR 10 the guard is what binds, so
-the peak is the descent's end / 3, 1.7-3.3 times the constant LR; a guard of 1-2 picked too high
-on 1-6 of 44 curves, 5 gave a worst regret of 11.8 against 2.9."""
+VAL_CONSTANT_DIVISOR, VAL_PEAK_DIVISOR, VAL_WSD_DIVISOR = 10 ** 0.6, 10 ** 0.35, 10 ** 0.6
+"""The same three numbers (4.0, 2.2 and 4.0 times below) read from the validation loss's turn-up
+(val_every=2, tuning.md); with a validation loss each number is the lower of its two readings."""
 
 MINIMUM_DIVISOR = 10.0
 """``minimum`` suggests the LR of the lowest loss divided by this (fastai's rule)."""
@@ -134,77 +114,96 @@ SuggestionRule = Callable[[Curve], Suggestion]
 
 @dataclass(frozen=True)
 class Reading:
-    """A curve read on its zero-lag smoothing: where it is lowest, and how far and how surely it
-    fell before that. Shared by ``steepest_gradient`` and the range checks."""
+    """A curve read on its zero-lag smoothing: where it is lowest, whether it fell before
+    that, and where it turned up after it. Shared by the rules and the range checks."""
 
     fit: LocalFit
-    """The rule's smoothing (``WIDTH_FRACTION``)."""
-    wide: LocalFit
-    """A smoothing ``SIGNIFICANCE_WIDENING`` times wider, for the level before the descent."""
+    """The smoothing (``WIDTH_FRACTION``)."""
     start: int
     """First point read: before it the smoothing is one-sided and noisier."""
     lowest: int
     """Index of the minimum of ``fit``, from ``start`` on."""
     top: float
-    """The highest level of ``wide`` between ``start`` and ``lowest``."""
-    drop: float
-    """``top`` less the minimum."""
-    noise: float
-    """The standard deviation that noise alone gives ``drop``."""
-    significance: float
-    """How many of its noise standard deviations the fall is: ``drop / noise``, or, when the
-    wide smoothing pins the bottom down more surely (a minimum at the curve's last points, where
-    the narrow window is one-sided), the same ratio read on it."""
+    """The highest level of ``fit`` between ``start`` and ``lowest``."""
+    fell: bool
+    """The loss fell to its minimum by more than the noise and ``MIN_RELATIVE_DROP``, on this
+    smoothing or on one ``SIGNIFICANCE_WIDENING`` times wider."""
+    onset: int | None
+    """The first point after the minimum from which the loss stays above it by more than the
+    noise and ``MIN_RELATIVE_DROP``: where the loss turns up. None when it never does."""
+
+    @property
+    def drop(self) -> float:
+        return self.top - float(self.fit.level[self.lowest])
 
 
-def read_curve(curve: Curve, *, width_fraction: float = WIDTH_FRACTION,
-               skip_fraction: float = SKIP_FRACTION) -> Reading:
-    """Smooth a curve (at least ``MIN_POINTS`` long) two ways and measure its fall.
+def read_curve(curve: Curve, *, width_fraction: float = WIDTH_FRACTION, noise_factor: float = NOISE_FACTOR,
+               relative: float = MIN_RELATIVE_DROP) -> Reading:
+    """Smooth a curve (at least ``MIN_POINTS`` long) and find its minimum, its fall and its turn-up.
 
-    The bottom is the minimum of the rule's smoothing (a minimum can be sharp); the top, the
-    highest level before it of the wider smoothing (a flat start is long, and the wide
-    smoothing averages its noise further down, so a noise spike near the start does not set it).
+    The keyword arguments default to the module's constants; the suggestion benchmark varies them.
     """
     n = len(curve)
-    width = max(MIN_WIDTH, width_fraction * n)
-    fit = curve.trend(width)
-    wide = curve.trend(SIGNIFICANCE_WIDENING * width, noise=fit.noise)
-    start = max(1, int(skip_fraction * n))
-    lowest = start + int(np.argmin(fit.level[start:]))
-    peak = start + int(np.argmax(wide.level[start: lowest + 1]))
-    top = float(wide.level[peak])
-    drop = top - float(fit.level[lowest])
-    noise = math.hypot(wide.level_sd[peak], fit.level_sd[lowest])
-    # On pure noise (the NOISE_FACTOR experiment) taking the better of the two readings let
-    # through at most 0.6 % more curves; it answers the curves still falling at max_lr.
-    significance = max(_ratio(drop, noise),
-                       _ratio(top - float(wide.level[lowest]), math.hypot(wide.level_sd[peak], wide.level_sd[lowest])))
-    return Reading(fit=fit, wide=wide, start=start, lowest=lowest, top=top, drop=drop, noise=noise,
-                   significance=significance)
+    fit = curve.trend(max(MIN_WIDTH, width_fraction * n))
+    level, sd = fit.level, fit.level_sd
+    start = max(1, int(SKIP_FRACTION * n))
+    lowest = start + int(np.argmin(level[start:]))
+    low = float(level[lowest])
+    peak = start + int(np.argmax(level[start: lowest + 1]))
+    top = float(level[peak])
+    floor = max(relative * abs(low), MIN_ABSOLUTE_DROP)
+    wide = curve.trend(SIGNIFICANCE_WIDENING * max(MIN_WIDTH, width_fraction * n), noise=fit.noise)
+    wide_top = start + int(np.argmax(wide.level[start: lowest + 1]))
+    fell = any(drop > max(floor, noise_factor * spread) for drop, spread in (
+        (top - low, math.hypot(sd[peak], sd[lowest])),
+        (wide.level[wide_top] - wide.level[lowest], math.hypot(wide.level_sd[wide_top], wide.level_sd[lowest]))))
+    after = np.arange(lowest + 1, n)
+    margin = np.maximum(noise_factor * np.hypot(sd[lowest], sd[after]), floor)
+    # The turn-up is where the loss leaves its minimum for good: a noise bump in a long flat
+    # stretch that comes back down is no turn-up.
+    within = np.flatnonzero(level[after] - low <= margin)
+    first = 0 if within.size == 0 else int(within[-1]) + 1
+    onset = int(after[first]) if first < len(after) else None
+    return Reading(fit=fit, start=start, lowest=lowest, top=top, fell=fell, onset=onset)
 
 
-def _ratio(value: float, sd: float) -> float:
-    return value / sd if sd > 0 else (math.inf if value > 0 else 0.0)
+def rise_onset(curve: Curve) -> int | None:
+    """Where the loss turns up (``Reading.onset``); None for a curve too short to read or one
+    that has not turned up (still falling, or flat, at its last point)."""
+    if len(curve) < MIN_POINTS:
+        return None
+    return read_curve(curve).onset
+
+
+def still_open(lrs: Sequence[float], losses: Sequence[float]) -> bool:
+    """Whether a range test past ``max_lr`` should go on: its loss, finite so far, has not
+    turned up (``rise_onset``). Pure and deterministic: every rank asks it the same numbers."""
+    if len(losses) < MIN_POINTS:
+        return True
+    return rise_onset(Curve.of(lrs, losses, losses)) is None
 
 
 def blow_up(curve: Curve) -> int | None:
     """Where to cut a curve whose loss blew up and then fell again, or None.
 
     The blow-up is the first point at which the zero-lag trend climbs back above its level at
-    the start (``read_curve``'s wide smoothing there) by more than it had fallen and by
-    ``NOISE_FACTOR`` noise standard deviations. Past it training at these LRs has failed, and a
-    loss that falls again further on (a model collapsing to a degenerate state at a huge LR, a
-    spike the sweep's lagging EMA rode out) is not a descent to read, however low it goes. The
-    cut is made only when the loss does fall below its earlier minimum after the blow-up.
+    the start by more than it had fallen and by ``NOISE_FACTOR`` noise standard deviations.
+    Past it training at these LRs has failed, and a loss that falls again further on (a model
+    collapsing to a degenerate state at a huge LR, a spike the sweep's lagging EMA rode out) is
+    not a descent to read, however low it goes. The cut is made only when the loss does fall
+    below its earlier minimum after the blow-up.
     """
     if len(curve) < MIN_POINTS:
         return None
-    r = read_curve(curve)
-    level, start = r.fit.level, r.start
-    ref, ref_sd = float(r.wide.level[start]), float(r.wide.level_sd[start])
+    n = len(curve)
+    # Read on the wider smoothing: on the narrow one, a noise bump in a flat, noisy start (a
+    # pretrained model's curve) passed for a blow-up and cut the curve to its first points.
+    fit = curve.trend(SIGNIFICANCE_WIDENING * max(MIN_WIDTH, WIDTH_FRACTION * n))
+    level, sd, start = fit.level, fit.level_sd, max(1, int(SKIP_FRACTION * n))
+    ref = float(level[start])
     lowest = np.minimum.accumulate(level[start:])
     rise = level[start:] - ref - np.maximum(ref - lowest, 0.0)
-    past = np.flatnonzero(rise > NOISE_FACTOR * np.hypot(ref_sd, r.fit.level_sd[start:]))
+    past = np.flatnonzero(rise > NOISE_FACTOR * np.hypot(sd[start], sd[start:]))
     if past.size == 0:
         return None
     cut = start + int(past[0])
@@ -215,122 +214,59 @@ def blow_up(curve: Curve) -> int | None:
     return cut if level[cut:].min() < level[start:cut].min() else None
 
 
-@dataclass(frozen=True)
-class Descent:
-    """Where a curve falls, as ``steepest_gradient`` reads it on the zero-lag smoothing."""
-
-    reading: Reading
-    begin: int
-    """The last point, before the minimum, where the loss was still within ``DESCENT_BAND`` of
-    the drop below the top: the descent proper starts after it."""
-    steepest: int
-    """Index of the most negative slope between ``begin`` and the minimum."""
-    bottom: int
-    """Where the descent ends: the first point from ``steepest`` on within
-    ``BOTTOM_TOLERANCE`` of the drop above the minimum."""
-
-    @property
-    def lowest(self) -> int:
-        return self.reading.lowest
-
-
-def find_descent(curve: Curve, *, width_fraction: float = WIDTH_FRACTION, skip_fraction: float = SKIP_FRACTION,
-                 noise_factor: float = NOISE_FACTOR, band: float = DESCENT_BAND,
-                 bottom_tolerance: float = BOTTOM_TOLERANCE, flat_share: float | None = None) -> Descent | Suggestion:
-    """The descent of a curve on its zero-lag smoothing, or a ``Suggestion`` saying why none.
-
-    The keyword arguments default to the module's constants; the suggestion benchmark varies
-    them. ``flat_share`` (off by default, and the benchmark keeps it off) also ends the descent at
-    the first point whose slope is no steeper than that share of the steepest.
-    """
-    refusal = _refuse_short(curve)
-    if refusal is not None:
-        return refusal
-    r = read_curve(curve, width_fraction=width_fraction, skip_fraction=skip_fraction)
-    level, slope = r.fit.level, r.fit.slope
-    bottom_level = float(level[r.lowest])
-    if r.drop < max(MIN_RELATIVE_DROP * abs(r.top), MIN_ABSOLUTE_DROP):
-        return _no_suggestion(
-            f"the loss never fell by {MIN_RELATIVE_DROP:.0%} (from {r.top:.4g} to at best {bottom_level:.4g}) "
-            f"between lr={curve.lrs[0]:.3g} and lr={curve.lrs[-1]:.3g}; raise max_lr or num_steps, or check that "
-            "the model and data can learn (labels, loss, frozen parameters)"
-        )
-    if r.significance < noise_factor:
-        return _no_suggestion(
-            f"the loss fell by {r.drop:.3g}, within the noise of its smoothed curve (about {r.noise:.2g}; batch to "
-            f"batch {r.fit.noise:.2g}): the curve holds no clear descent. Raise the batch size or num_steps, or "
-            "widen the range (min_lr, max_lr)"
-        )
-    # A dip in a noisy flat start that comes back up is not the descent: it begins after the
-    # last time the loss was near the top.
-    near_top = [i for i in range(r.start, r.lowest) if level[i] >= r.top - band * r.drop]
-    begin = near_top[-1] if near_top else r.start
-    candidates = [i for i in range(begin + 1, r.lowest) if slope[i] < 0]
-    if not candidates:
-        return _no_suggestion(
-            f"the loss reached its minimum at lr={curve.lrs[r.lowest]:.3g} (point {r.lowest + 1} of {len(curve)}) "
-            "with no descent before it to measure; lower min_lr so the sweep starts before the loss falls, or "
-            "raise num_steps"
-        )
-    steepest = min(candidates, key=lambda i: (slope[i], i))
-    bottom = next(i for i in range(steepest, r.lowest + 1) if level[i] <= bottom_level + bottom_tolerance * r.drop
-                  or (flat_share is not None and slope[i] >= flat_share * slope[steepest]))
-    return Descent(reading=r, begin=begin, steepest=steepest, bottom=bottom)
-
-
 def steepest_gradient(curve: Curve) -> Suggestion:
-    """Find where the loss falls fastest and suggest a learning rate somewhat below it.
+    """Read where the loss stops falling and turns up, and suggest a constant LR below it.
 
-    Read on a zero-lag smoothing of the raw losses (``distlr.curve.local_linear``), not on the
-    lagging EMA:
-
-    1. the loss minimum is found after the first ``SKIP_FRACTION`` of the points;
-    2. the descent before it must exceed ``NOISE_FACTOR`` times the smoothed curve's own noise
-       and 1 % of the loss, or there is no suggestion;
-    3. the steepest point (most negative slope against log10 lr) is searched between the last
-       time the loss was within ``DESCENT_BAND`` of the drop below its top and the minimum;
-    4. the suggestion is that point's LR / ``MARGIN``, but never less than the LR where the
-       descent ends (``Descent.bottom``) / ``FLOOR`` and never more than it / ``GUARD``, taken
-       as the ladder point at or just below.
+    The seed's rule looked for the steepest fall. The benchmark found that where the descent ends,
+    at the turn-up of the loss (``rise_onset``), predicts the best LR at least as well held out,
+    with one reading instead of four, and that it also answers the fine-tuning curve that is
+    flat and then rises (there is no fall to read). So the name is the seed's and the reading is
+    the turn-up: the suggestion is the turn-up's LR / ``CONSTANT_DIVISOR``, as the ladder point at
+    or just below. A curve that never turned up (the range ended while the loss still fell) is
+    read at its last point, and ``range_notes`` say so.
 
     The curve should come from ``distlr.analysis.usable_curve``, which also cuts a loss that
     blew up and fell again (``blow_up``).
 
     Example:
-        >>> import numpy as np
         >>> lrs = np.geomspace(1e-6, 1.0, 100)
         >>> losses = 1 + 1 / (1 + (lrs / 1e-3) ** 2) + 3 * np.clip(np.log10(lrs) + 2, 0, None) ** 2
-        >>> round(float(np.log10(steepest_gradient(Curve.of(lrs, losses)).lr)), 1)
-        -3.5
+        >>> round(float(np.log10(steepest_gradient(Curve.of(lrs, losses)).lr)), 1)   # climbs past 1e-2
+        -3.2
     """
-    return steepest_with(curve)
+    return below_turn_up(curve, CONSTANT_DIVISOR, what="the suggestion")
 
 
-def steepest_with(curve: Curve, *, margin: float = MARGIN, guard: float = GUARD, floor: float = FLOOR,
-                  **descent_args: float) -> Suggestion:
-    """``steepest_gradient`` with its constants as arguments (for the suggestion benchmark)."""
-    descent = find_descent(curve, **descent_args)
-    if isinstance(descent, Suggestion):
-        return descent
-    bottom = float(curve.lrs[descent.bottom])
-    target = min(max(curve.lrs[descent.steepest] / margin, bottom / floor), bottom / guard)
-    return at_or_below(curve, target, what="the suggestion")
+def below_turn_up(curve: Curve, divisor: float, *, what: str, **reading: float) -> Suggestion:
+    """The ladder point at or below the turn-up's LR / ``divisor``, or why there is none.
 
-
-def peak_with(curve: Curve, chosen: Suggestion, *, factor: float = PEAK_FACTOR,
-              guard: float = PEAK_GUARD) -> Suggestion:
-    """The one-cycle / warmup-cosine peak built on the constant LR ``chosen``.
-
-    ``factor`` x the constant LR, capped by the LR where the descent ends / ``guard`` (the
-    smoothed minimum's when the curve holds no descent), and never below the constant LR itself;
-    a point of the ladder like every suggestion.
+    Refused only when the curve is too short to read, or its loss neither fell nor turned up
+    over the whole range (it does not respond to the LR). ``reading`` goes to ``read_curve``.
     """
-    if chosen.lr is None:
-        return chosen
-    descent = find_descent(curve)
-    bottom = descent.bottom if isinstance(descent, Descent) else int(np.argmin(curve.smoothed))
-    target = max(chosen.lr, min(chosen.lr * factor, float(curve.lrs[bottom]) / guard))
-    return at_or_below(curve, target, what="the peak")
+    refusal = _refuse_short(curve)
+    if refusal is not None:
+        return refusal
+    r = read_curve(curve, **reading)
+    if r.onset is None and not r.fell:
+        level = r.fit.level
+        return _no_suggestion(
+            f"the loss does not respond to the LR between lr={curve.lrs[0]:.3g} and lr={curve.lrs[-1]:.3g}: it "
+            f"neither fell nor rose by {MIN_RELATIVE_DROP:.0%} or beyond its noise (from {level[r.start]:.4g}, "
+            f"lowest {level[r.lowest]:.4g}); raise max_lr, or check that the model and data can learn (labels, "
+            "loss, frozen parameters)"
+        )
+    edge = r.onset if r.onset is not None else len(curve) - 1
+    return at_or_below(curve, float(curve.lrs[edge]) / divisor, what=what)
+
+
+def peak(curve: Curve) -> Suggestion:
+    """The one-cycle / warmup-cosine peak: the turn-up's LR / ``PEAK_DIVISOR``."""
+    return below_turn_up(curve, PEAK_DIVISOR, what="the peak")
+
+
+def wsd_plateau(curve: Curve) -> Suggestion:
+    """The warmup-stable-decay plateau: the turn-up's LR / ``WSD_DIVISOR``."""
+    return below_turn_up(curve, WSD_DIVISOR, what="the plateau")
 
 
 def valley(curve: Curve) -> Suggestion:
@@ -445,4 +381,3 @@ def _descent_lengths(losses: np.ndarray) -> np.ndarray:
             tails[k] = value
         lengths[i] = k + 1
     return lengths
-

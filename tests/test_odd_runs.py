@@ -38,29 +38,41 @@ def run(model, n=256, **find):
 
 
 def test_num_steps_far_beyond_the_loader_cycles_and_completes():
-    result = run(RegressionNet(), n=32, num_steps=50, max_lr=1e-2)  # 2 batches an epoch
+    result = run(RegressionNet(), n=32, num_steps=50, max_lr=1e-2, extend_range=False)  # 2 batches an epoch
     assert result.steps_run == 50 and result.stop_reason == "completed"
     assert any("cycled" in note for note in result.notes)
 
 
 def test_two_steps_give_a_curve_and_say_there_are_too_few_points():
+    # Two points 5 decades apart: one more step would pass 1000 x max_lr, so none is added.
     result = run(RegressionNet(), num_steps=2)
-    assert result.steps_run == 2 and result.optimal_lr is None
+    assert result.steps_run == 2 and result.extended_steps == 0 and result.optimal_lr is None
     assert "points" in result.suggestion_note and "num_steps" in result.suggestion_note
 
 
 @pytest.mark.parametrize("name, curve", [("constant", lambda step: 2.0), ("rising", lambda step: 1.0 + 0.01 * step)])
 def test_a_loss_that_never_falls_gives_no_number_and_says_why(name, curve):
     result = run(ScalarLoss(curve), divergence_threshold=math.inf)
-    assert result.steps_run == 30 and result.optimal_lr is None and result.best_lr_idx is None
-    assert "never fell" in result.suggestion_note
+    assert result.optimal_lr is None and result.best_lr_idx is None
+    if name == "constant":  # the range went on as far as it may, and nothing moved the loss
+        assert result.steps_run == 30 + result.extended_steps and result.extended_steps > 0
+        assert "does not respond to the LR" in result.suggestion_note
+    else:  # it rose from the first step: it turned up before the range began
+        assert result.steps_run == 30 and "lower min_lr" in result.suggestion_note
     assert all(v is None for v in result.suggestions.values())
     assert result.schedule is None
 
 
-def test_a_loss_that_explodes_at_once_says_it_diverged_too_early():
+def test_a_loss_that_explodes_at_once_says_the_range_started_too_high():
+    # 100x from the second step on: the first five steps cannot stop the sweep (WARMUP_STEPS),
+    # and after them the loss holds still at its new level; the rule sees it turn up at once.
     result = run(ScalarLoss(lambda step: 1.0 if step == 1 else 100.0))
-    assert result.stop_reason == "diverged" and result.diverged_at == 1
+    assert result.optimal_lr is None and "lower min_lr" in result.suggestion_note
+
+
+def test_a_loss_that_explodes_to_nan_at_once_says_it_diverged_too_early():
+    result = run(ScalarLoss(lambda step: 1.0 if step == 1 else math.nan))
+    assert result.stop_reason == "non_finite" and result.diverged_at == 1
     assert result.optimal_lr is None and "points" in result.suggestion_note
 
 

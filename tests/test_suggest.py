@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 from distlr import suggest
-from distlr.analysis import build_result, confidence, peak_lr, range_notes, usable_curve
+from distlr.analysis import SEED_SPREAD, build_result, confidence, range_notes, usable_curve
 from distlr.curve import Curve, ema, local_linear, noise_level
-from distlr.suggest import (GUARD, MIN_POINTS, SUGGESTION_RULES, Descent, Suggestion, find_descent, minimum,
-                            steepest_gradient, suggest_all, valley)
+from distlr.suggest import MIN_POINTS, SUGGESTION_RULES, Suggestion, minimum, steepest_gradient, suggest_all, valley
 
 DECADE = 1.0  # log10 units
 
@@ -41,90 +40,94 @@ def decades_between(a: float, b: float) -> float:
     return abs(math.log10(a) - math.log10(b))
 
 
-# --- steepest_gradient: where the loss falls fastest, then somewhat below ----------------------
+# --- steepest_gradient: below where the loss turns up -----------------------------------------
+
+
+def turn_up_lr(curve: Curve) -> float:
+    return float(curve.lrs[suggest.rise_onset(curve)])
 
 
 @pytest.mark.parametrize("centre", [1e-4, 1e-3, 3e-2])
-def test_the_descent_is_found_at_the_centre_of_the_drop(centre):
-    lrs = np.geomspace(1e-7, 10.0, 100)
-    descent = find_descent(Curve.of(lrs, drop_then_climb(lrs, centre)))
-    assert isinstance(descent, Descent)
-    assert decades_between(lrs[descent.steepest], centre) <= 0.1  # within about one ladder step
-
-
-@pytest.mark.parametrize("centre", [1e-4, 1e-3, 3e-2])
-def test_the_suggestion_is_a_ladder_point_well_below_the_end_of_the_descent(centre):
+def test_the_turn_up_is_found_where_the_climb_begins(centre):
     lrs = np.geomspace(1e-7, 10.0, 100)
     curve = Curve.of(lrs, drop_then_climb(lrs, centre))
-    descent = find_descent(curve)
+    # The climb starts a decade past the centre; it is seen once it rose by 1 % of the loss.
+    assert 0.0 <= math.log10(turn_up_lr(curve)) - math.log10(centre * 10) <= 0.25
+
+
+@pytest.mark.parametrize("centre", [1e-4, 1e-3, 3e-2])
+def test_the_suggestion_is_the_ladder_point_at_or_below_the_turn_up_over_the_divisor(centre):
+    lrs = np.geomspace(1e-7, 10.0, 100)
+    curve = Curve.of(lrs, drop_then_climb(lrs, centre))
     result = steepest_gradient(curve)
-    assert result.lr == lrs[result.index]
-    # Below the steepest point, between the descent's end / FLOOR and its end / GUARD (the
-    # ladder point at or just below: at most one ladder step under the floor).
+    target = turn_up_lr(curve) / suggest.CONSTANT_DIVISOR
     step = lrs[1] / lrs[0]
-    bottom = lrs[descent.bottom]
-    assert result.lr < centre
-    assert bottom / suggest.FLOOR / step <= result.lr <= bottom / suggest.GUARD
-    assert result.lr >= lrs[descent.steepest] / suggest.MARGIN / step
+    assert result.lr == lrs[result.index] and target / step < result.lr <= target * (1 + 1e-9)
+
+
+def test_a_fine_tuning_curve_flat_then_rising_is_answered_from_where_the_rise_begins():
+    # A pretrained model on new data: the loss does not fall, it only rises past 1e-4.
+    lrs = np.geomspace(1e-8, 1e-1, 100)
+    rise = 2.5 * np.clip(np.log10(lrs) + 4.0, 0.0, None) ** 2
+    for seed in range(5):
+        curve = Curve.of(lrs, noisy(2.3 + rise, sigma=0.03, seed=seed))
+        result = steepest_gradient(curve)
+        assert result.lr is not None, result.reason
+        assert -0.1 <= math.log10(turn_up_lr(curve)) + 4.0 <= 0.5
+        assert result.lr < 1e-4
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pure_noise_is_refused_as_a_loss_that_does_not_respond(seed):
+    lrs = np.geomspace(1e-6, 10.0, 100)
+    result = steepest_gradient(Curve.of(lrs, noisy(np.full(100, 2.3), sigma=0.2, seed=seed)))
+    assert result.lr is None
+    assert "does not respond to the LR" in result.reason and "raise max_lr" in result.reason
+
+
+def test_the_same_curve_with_a_dip_in_its_flat_bottom_gets_nearly_the_same_answer():
+    # The two-readings jump: a long flat bottom, with or without a small dip near its end (one
+    # seed's curve and another's). The rule before this one moved its pick 16x with such a dip,
+    # from the steepest point to the end of the descent; the turn-up moves by what the deeper
+    # minimum delays the climb past it.
+    lrs = np.geomspace(1e-8, 1e-1, 100)
+    x = np.log10(lrs)
+    base = drop(lrs, 1e-5, width=0.4) + 3.0 * np.clip(x + 1.6, 0.0, None) ** 2
+    dipped = base - 0.03 * np.exp(-0.5 * ((x + 2.2) / 0.2) ** 2)
+    picks = [steepest_gradient(Curve.of(lrs, noisy(c, 0.01, seed=1))).lr for c in (base, dipped)]
+    assert max(picks) / min(picks) < 2.0
 
 
 def test_ema_lag_does_not_move_the_pick():
-    # 100 points, a fast drop: the recorded EMA (0.98) still falls long after the raw loss has
-    # flattened, so its steepest point lies about half a decade too high.
+    # The rule reads the raw losses' zero-lag trend, not the recorded EMA: any smooth_factor
+    # gives the same pick.
     lrs = np.geomspace(1e-7, 10.0, 100)
-    curve = Curve.of(lrs, drop_then_climb(lrs, 1e-3, climb_after=2.0, width=0.15))
-    ema_steepest = lrs[int(np.argmin(np.gradient(curve.smoothed, np.log10(lrs))[:int(np.argmin(curve.smoothed))]))]
-    assert decades_between(ema_steepest, 1e-3) > 0.3
-    descent = find_descent(curve)
-    assert decades_between(lrs[descent.steepest], 1e-3) <= 0.1
+    losses = noisy(drop_then_climb(lrs, 1e-3, climb_after=2.0, width=0.15), 0.01)
+    picks = {steepest_gradient(Curve.of(lrs, losses, smooth_factor=beta)).lr for beta in (0.0, 0.9, 0.98, 0.995)}
+    assert len(picks) == 1
 
 
 def test_a_noisy_flat_start_is_not_picked():
-    # The issue's regression case: a long flat start whose batch noise, once smoothed, has steep
-    # little wiggles, then the real descent around 1e-2.
     lrs = np.geomspace(1e-6, 10.0, 100)
     losses = noisy(drop_then_climb(lrs, 1e-2, width=0.4), sigma=0.08, seed=3)
     result = steepest_gradient(Curve.of(lrs, losses))
     assert result.lr is not None
-    assert result.lr > 1e-4, "picked the noise of the flat start"
-    assert result.lr < 1e-2
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_pure_noise_gives_no_suggestion(seed):
-    lrs = np.geomspace(1e-6, 10.0, 100)
-    result = steepest_gradient(Curve.of(lrs, noisy(np.full(100, 2.3), sigma=0.2, seed=seed)))
-    assert result.lr is None
-    assert "noise" in result.reason or "never fell" in result.reason
+    assert 1e-3 < result.lr < 1e-1 / suggest.CONSTANT_DIVISOR * 3
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_a_noisy_curve_with_a_real_descent_gets_an_answer(seed):
-    # Batch size 1 on random labels: very noisy, but the loss does fall before it diverges. The
-    # old rule ended its window at a noise dip inside the skipped start and refused.
     lrs = np.geomspace(1e-6, 1.0, 100)
     losses = noisy(drop_then_climb(lrs, 1e-3, width=0.3, depth=0.8), sigma=0.25, seed=seed)
     result = steepest_gradient(Curve.of(lrs, losses))
     assert result.lr is not None, result.reason
-    assert 1e-5 < result.lr < 1e-2
-
-
-def test_on_a_wide_range_the_pick_stays_well_below_the_minimum():
-    # 1e-7..10 and a curve whose descent runs right into the climb: the steepest point sits
-    # just below the minimum, where a real run diverges. The guard keeps a decade away.
-    lrs = np.geomspace(1e-7, 10.0, 100)
-    losses = drop(lrs, 0.3, width=0.6) + 4.0 * np.clip(np.log10(lrs) - np.log10(0.5), 0.0, None) ** 2
-    curve = Curve.of(lrs, losses)
-    descent = find_descent(curve)
-    result = steepest_gradient(curve)
-    assert result.lr <= lrs[descent.bottom] / GUARD <= lrs[descent.lowest] / GUARD
-    assert result.lr < lrs[descent.steepest]
+    assert 1e-4 < result.lr < 1e-2
 
 
 def test_a_loss_that_blows_up_and_then_collapses_is_read_only_up_to_the_blow_up():
     # The sweep's EMA rode out a spike past the minimum (no divergence stop), after which the
     # model collapsed to a loss below anything the real descent reached (seen on a CNN with AdamW
-    # at lr 1-10 and an MLP at batch 2). The pick must come from the descent near 1e-3.
+    # at lr 1-10 and an MLP at batch 2). The pick must come from before the spike near 1.
     lrs = np.geomspace(1e-7, 10.0, 100)
     x = np.log10(lrs)
     losses = drop(lrs, 1e-3, width=0.3) + 8.0 * np.exp(-0.5 * ((x - 0.0) / 0.3) ** 2)
@@ -132,42 +135,49 @@ def test_a_loss_that_blows_up_and_then_collapses_is_read_only_up_to_the_blow_up(
     losses = noisy(losses, 0.01)
     result = result_for(lrs.tolist(), losses.tolist())
     assert result.stop_reason == "completed"
-    assert 1e-5 < result.optimal_lr < 1e-3 and result.peak_lr < 1e-2
-    assert all(lr is None or lr < 0.1 for lr in result.suggestions.values())
+    assert 1e-3 < result.optimal_lr < 1e-1 and result.peak_lr < 0.3
+    assert all(lr is None or lr < 0.3 for lr in result.suggestions.values())
     assert any("blew up at lr=" in note and "read only the points before" in note for note in result.notes)
 
 
-def test_a_noisy_curve_still_falling_at_max_lr_gets_an_answer():
-    # A linear regression on 1e-8..1e-1: batch noise of a third of the loss, the fall only in
-    # the last decade, the minimum at the last points. The bottom is read on the wider smoothing
-    # there, where the narrow one is one-sided; the narrow reading alone refused such curves.
+def test_a_curve_still_falling_at_its_end_is_read_at_its_last_point_and_says_so():
     lrs = np.geomspace(1e-8, 1e-1, 100)
-    results = [result_for(lrs.tolist(), noisy(0.5 + 1.0 / (1.0 + (lrs / 1e-2) ** 2), sigma=0.3, seed=seed).tolist())
-               for seed in range(10)]
-    assert all(r.optimal_lr is not None and 1e-3 < r.optimal_lr < 3e-2 for r in results)
-    still_falling = [any("still falling at max_lr" in note for note in r.range_notes) for r in results]
-    assert sum(still_falling) >= 5
+    results = [result_for(lrs.tolist(), noisy(drop(lrs, 5e-2, width=0.5), sigma=0.03, seed=seed).tolist())
+               for seed in range(5)]
+    for r in results:
+        assert r.optimal_lr == pytest.approx(lrs[lrs <= 0.1 / suggest.CONSTANT_DIVISOR * (1 + 1e-9)][-1])
+        assert any("still falling at max_lr" in note for note in r.range_notes)
 
 
 @pytest.mark.parametrize(("num_steps", "min_lr", "max_lr"), [(50, 1e-6, 10.0), (30, 1e-8, 1e-1)])
 def test_short_sweeps_still_get_a_suggestion(num_steps, min_lr, max_lr):
-    # With 30 or 50 points the EMA still weighs the first points at the end of the curve, so
-    # on the EMA the loss "never fell by 1 %"; the raw losses fell by half.
     lrs = np.geomspace(min_lr, max_lr, num_steps)
-    centre = 10 ** (math.log10(min_lr) + 0.6 * (math.log10(max_lr) - math.log10(min_lr)))
+    centre = 10 ** (math.log10(min_lr) + 0.5 * (math.log10(max_lr) - math.log10(min_lr)))
     losses = noisy(drop_then_climb(lrs, centre, width=0.4), sigma=0.01, seed=1)
-    curve = Curve.of(lrs, losses)
-    result = steepest_gradient(curve)
+    result = steepest_gradient(Curve.of(lrs, losses))
     assert result.lr is not None, result.reason
-    assert result.lr < centre and decades_between(result.lr, centre) < 1.5
+    assert result.lr < 10 * centre and decades_between(result.lr, centre) < 1.5
 
 
-def test_minimum_inside_the_first_points_is_refused_with_what_to_change():
+def test_a_loss_that_only_rises_from_the_first_points_is_refused_with_what_to_change():
     lrs = np.geomspace(1e-6, 1.0, 100)
     losses = np.concatenate([[3.0, 2.0, 1.5, 1.0], 1.0 + 0.05 * np.arange(1, 97)])
     result = steepest_gradient(Curve.of(lrs, losses))
     assert result.lr is None
     assert "lower min_lr" in result.reason
+
+
+def test_still_open_goes_on_while_the_loss_falls_and_stops_once_it_turns_up():
+    lrs = np.geomspace(1e-8, 10.0, 130)
+    losses = drop_then_climb(lrs, 1e-2)          # falls to ~1e-1, climbs after 1e-1
+    reading = suggest.read_curve(Curve.of(lrs, losses))
+    assert reading.onset is not None
+    assert all(suggest.still_open(lrs[:n].tolist(), losses[:n].tolist()) for n in range(2, reading.lowest + 1))
+    # Read online, the last points' trend is one-sided and less sure: the range closes a few
+    # points after the turn-up the whole curve shows, and stays closed.
+    closed = [not suggest.still_open(lrs[:n].tolist(), losses[:n].tolist()) for n in range(reading.onset, 131)]
+    first = closed.index(True)
+    assert first <= 5 and all(closed[first:])
 
 
 # --- never an LR that was not tried ------------------------------------------------------------
@@ -204,24 +214,32 @@ def test_every_answer_is_an_lr_the_sweep_tried(rule, seed):
         assert result.reason
     else:
         assert result.lr == lrs[result.index]
-    peak = peak_lr(curve, result)
-    assert peak.lr is None or (peak.lr in lrs and peak.lr >= result.lr)
+    if rule == "steepest_gradient":
+        for number in (suggest.peak(curve), suggest.wsd_plateau(curve)):
+            assert number.lr is None or (number.lr in lrs and number.lr >= (result.lr or 0))
 
 
 # --- the range was wrong -----------------------------------------------------------------------
 
 
-def notes_for(lrs, losses, *, stop_reason="completed", diverged_at=None):
+def notes_for(lrs, losses, *, stop_reason="completed", diverged_at=None, extended_steps=0):
     curve = usable_curve(lrs, losses, ema(np.asarray(losses, dtype=float), 0.98).tolist(), diverged_at)
     return range_notes(curve, num_steps=len(lrs), stop_reason=stop_reason, diverged_at=diverged_at,
-                       max_lr=lrs[-1], min_lr=lrs[0])
+                       max_lr=lrs[-1], min_lr=lrs[0], extended_steps=extended_steps)
 
 
 def test_loss_still_falling_at_max_lr_is_said_with_a_larger_max_lr():
     lrs = np.geomspace(1e-8, 1e-1, 100).tolist()
     losses = drop(np.asarray(lrs), 3e-2, width=0.5).tolist()
     (note,) = notes_for(lrs, losses)
-    assert "still falling at max_lr=0.1" in note and "raise max_lr (e.g. to 1e+01)" in note
+    assert "still falling at max_lr=0.1" in note and "raise max_lr, or leave extend_range on (e.g. max_lr=1e+01)" in note
+
+
+def test_an_extended_range_is_said_with_how_far_it_went():
+    lrs = np.geomspace(1e-8, 1.0, 115).tolist()   # 100 steps to 0.1, 15 more
+    losses = drop_then_climb(np.asarray(lrs), 3e-2, climb_after=1.0).tolist()
+    (note,) = notes_for(lrs, losses, extended_steps=15)
+    assert "had not turned up by max_lr=1" in note and "15 more step(s), to lr=1" in note
 
 
 def test_a_loss_that_flattened_at_max_lr_is_not_called_still_falling():
@@ -252,16 +270,18 @@ def test_a_curve_already_falling_at_min_lr_says_lower_min_lr():
 # --- confidence and the result -----------------------------------------------------------------
 
 
-def test_confidence_is_narrow_on_a_clean_curve_and_wide_on_a_noisy_one():
+def test_the_band_is_at_least_the_seed_spread_and_wider_on_a_noisy_curve():
     lrs = np.geomspace(1e-7, 10.0, 100)
-    clean = confidence(Curve.of(lrs, noisy(drop_then_climb(lrs, 1e-3), 0.005)), steepest_gradient,
-                       smooth_factor=0.98)
+    curve = Curve.of(lrs, noisy(drop_then_climb(lrs, 1e-3), 0.005))
+    clean = confidence(curve, steepest_gradient, smooth_factor=0.98)
+    pick = steepest_gradient(curve).lr
+    assert clean["answered"] == 1.0
+    assert clean["low"] == pytest.approx(pick / SEED_SPREAD) and clean["high"] == pytest.approx(pick * SEED_SPREAD)
+    assert clean["noise_high"] / clean["noise_low"] < 1.5
     short = np.geomspace(1e-7, 10.0, 40)  # fewer points and more noise
-    rough = confidence(Curve.of(short, noisy(drop_then_climb(short, 1e-3, depth=0.5), 0.2)), steepest_gradient,
+    rough = confidence(Curve.of(short, noisy(drop_then_climb(short, 1e-3, depth=0.5), 0.3)), steepest_gradient,
                        smooth_factor=0.98)
-    assert clean["answered"] == 1.0 and clean["spread"] < 1.5
-    assert clean["low"] <= steepest_gradient(Curve.of(lrs, noisy(drop_then_climb(lrs, 1e-3), 0.005))).lr
-    assert rough["spread"] > 2 * clean["spread"] or rough["answered"] < 0.8
+    assert rough["spread"] > clean["spread"]
 
 
 def test_confidence_is_deterministic_and_leaves_the_global_rng_alone():
@@ -283,21 +303,39 @@ def result_for(lrs, losses, **kw):
     return build_result(**args)
 
 
-def test_result_carries_two_numbers_confidence_and_range_notes():
+def test_result_carries_three_numbers_confidence_and_range_notes():
     lrs = np.geomspace(1e-8, 1e-1, 100)
     result = result_for(lrs.tolist(), noisy(drop(lrs, 3e-2, width=0.5), 0.01).tolist())
-    assert result.optimal_lr is not None and result.peak_lr >= result.optimal_lr
+    assert result.optimal_lr < result.schedule["wsd"]["plateau_lr"] < result.peak_lr
     assert result.schedule["peak_lr"] == result.peak_lr
     assert result.confidence["low"] <= result.confidence["high"]
     assert any("still falling at max_lr" in note for note in result.range_notes)
 
 
-def test_an_uncertain_suggestion_is_said_in_words():
+def test_an_uncertain_suggestion_says_that_repeats_help_and_with_which_flag():
+    # A slow climb out of a flat start, on 40 noisy points: where it turns up moves with the noise.
     lrs = np.geomspace(1e-7, 10.0, 40)
-    losses = noisy(drop_then_climb(lrs, 1e-3, depth=0.5), sigma=0.2)
+    losses = noisy(2.0 + 0.5 * np.clip(np.log10(lrs) + 3, 0, None), sigma=0.2, seed=2)
     result = result_for(lrs.tolist(), losses.tolist())
     assert result.optimal_lr is not None
-    assert any("uncertain" in note for note in result.notes), (result.confidence, result.notes)
+    note = next(note for note in result.notes if "uncertain" in note)
+    assert "--repeats 3" in note and "repeats=3" in note, result.confidence
+
+
+def test_with_a_validation_loss_each_number_is_the_lower_reading():
+    # The training loss turns up past 1e-1; the validation loss, over-fitting, past 1e-4.
+    lrs = np.geomspace(1e-8, 1.0, 100)
+    train = drop_then_climb(lrs, 1e-2)
+    val = 2.0 + 3.0 * np.clip(np.log10(lrs) + 4.0, 0.0, None) ** 2
+    steps = list(range(1, 100, 2))
+    plain = result_for(lrs.tolist(), train.tolist())
+    both = result_for(lrs.tolist(), train.tolist(), val_steps=steps, val_losses=val[steps].tolist())
+    assert both.optimal_lr < 1e-4 < plain.optimal_lr
+    assert both.peak_lr < 1e-4 and both.schedule["wsd"]["plateau_lr"] < 1e-4
+    assert any("validation loss" in note for note in both.notes)
+    # A validation loss that turns up later changes nothing.
+    late = result_for(lrs.tolist(), train.tolist(), val_steps=steps, val_losses=train[steps].tolist())
+    assert late.optimal_lr == plain.optimal_lr
 
 
 # --- valley and the shared guards --------------------------------------------------------------
@@ -320,7 +358,13 @@ def test_valley_takes_the_log_midpoint_of_the_longest_descent():
 @pytest.mark.parametrize("rule", list(SUGGESTION_RULES))
 def test_no_suggestion_when_the_loss_never_fell(rule, losses):
     result = SUGGESTION_RULES[rule](Curve.of(np.geomspace(1e-6, 1.0, 50), losses))
-    assert result.lr is None and "never fell by 1%" in result.reason and "max_lr" in result.reason
+    assert result.lr is None
+    if rule != "steepest_gradient":
+        assert "never fell by 1%" in result.reason
+    elif losses[0] == losses[-1]:
+        assert "does not respond to the LR" in result.reason
+    else:  # rising from the first point: turned up before the range began
+        assert "below the lowest lr the sweep tried" in result.reason and "lower min_lr" in result.reason
 
 
 @pytest.mark.parametrize("rule", list(SUGGESTION_RULES))

@@ -182,7 +182,7 @@ def test_a_point_that_diverges_at_once_is_recorded_and_the_sweep_goes_on(two_ran
     sweep = read_ranks(two_ranks, "diverging")[0]["sweep"]
     assert [r["global_batch_size"] for r in sweep["runs"]] == [16, 32]
     for run in sweep["runs"]:
-        assert run["result"]["stop_reason"] == "diverged" and run["result"]["optimal_lr"] is None
+        assert run["result"]["stop_reason"] in ("diverged", "non_finite") and run["result"]["optimal_lr"] is None
     assert sweep["fit"] is None and sweep["spread"]["16"]["answered"] == 0
 
 

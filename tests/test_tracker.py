@@ -38,9 +38,18 @@ def test_zero_smooth_factor_disables_smoothing():
 
 def test_divergence_fires_on_the_first_step_above_threshold_times_best():
     tracker = LossTracker(smooth_factor=0.0, divergence_threshold=4.0)
-    flags = [tracker.update(x) for x in [2.0, 1.0, 3.9, 4.0, 4.01]]
-    assert flags == [False, False, False, False, True]
+    flags = [tracker.update(x) for x in [3.0, 3.0, 3.0, 3.0, 2.0, 1.0, 3.9, 4.0, 4.01]]
+    assert flags == [False] * 8 + [True]
     assert tracker.best == 1.0
+
+
+def test_the_first_batches_cannot_stop_the_sweep_a_nan_can():
+    # A fine-tuned model's batches: 0.05, then 1.5. Against its first batch that is 30x; the
+    # best is taken, and the rule applied, only from the fifth step on (WARMUP_STEPS).
+    tracker = LossTracker(smooth_factor=0.0, divergence_threshold=4.0)
+    assert [tracker.update(x) for x in [0.05, 1.5, 1.2, 0.9, 1.1, 1.0]] == [False] * 6
+    assert tracker.best == 1.0
+    assert LossTracker(smooth_factor=0.0, divergence_threshold=4.0).update(math.nan) is True
 
 
 def test_non_finite_loss_diverges_and_is_recorded_as_nan():
@@ -53,7 +62,7 @@ def test_non_finite_loss_diverges_and_is_recorded_as_nan():
 
 def test_negative_losses_do_not_stop_the_sweep_at_once():
     tracker = LossTracker(smooth_factor=0.0, divergence_threshold=4.0)
-    assert [tracker.update(x) for x in [-1.0, -2.0, -1.5, -0.5]] == [False, False, False, False]
+    assert [tracker.update(x) for x in [-1.0, -1.0, -1.0, -1.0, -2.0, -1.5, -0.5]] == [False] * 7
     # rose by more than (4 - 1) x |best| = 6 above the best of -2
     assert tracker.update(4.5) is True
 

@@ -6,6 +6,7 @@ suggest, restore) -> result, plot and summary on rank 0 -> teardown (on every pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import random
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir, made = _output_dir(cfg, ctx, config_file(argv))
         built = build(cfg.model, seq_len=cfg.seq_len)
         loader, inputs = build_dataloader(cfg, built)
+        val_loader = None if cfg.val_data is None else build_dataloader(dataclasses.replace(cfg, data=cfg.val_data),
+                                                                         built)[0]
         if cfg.fsdp:
             from distlr.backends.fsdp import shard
 
@@ -79,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             if "sequences" in inputs and hasattr(finder.train_dataloader, "__len__"):
                 inputs["sequences_per_rank"] = len(finder.train_dataloader) * cfg.batch_size
             if cfg.is_sweep:
-                _run_sweep(cfg, finder, out_dir, inputs)
+                _run_sweep(cfg, finder, out_dir, inputs, val_loader)
                 made = None
                 return 0
-            result = finder.find(**cfg.sweep.as_dict(), progress=cfg.progress, log_every=cfg.log_every)
+            result = finder.find(**cfg.sweep.as_dict(), val_loader=val_loader, progress=cfg.progress,
+                                 log_every=cfg.log_every)
             if ctx.is_main:
                 result.inputs = inputs
                 result.notes.extend(built.notes)
@@ -114,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_sweep(cfg: RunConfig, finder: LRFinder, out_dir: Path, inputs: dict) -> None:
+def _run_sweep(cfg: RunConfig, finder: LRFinder, out_dir: Path, inputs: dict, val_loader: Any) -> None:
     """``--global-batch-sizes`` / ``--repeats``: every run in this job; sweep.json, sweep.png
     and config.yaml on rank 0."""
     find_args = cfg.sweep.as_dict()
     if cfg.global_batch_sizes is not None:
         find_args.pop("accumulation_steps")  # each size's split decides it (validate refused another value)
     sweep = finder.sweep(cfg.batch_sizes(), cfg.repeats, target_global_batch_size=cfg.target_global_batch_size,
-                         **find_args, progress=cfg.progress, log_every=cfg.log_every)
+                         **find_args, val_loader=val_loader, progress=cfg.progress, log_every=cfg.log_every)
     if not finder.ctx.is_main:
         return
     record = {**sweep.to_dict(), "inputs": inputs}

@@ -73,6 +73,12 @@ class SweepArgs:
     """Mixed precision: no, bf16 (autocast) or fp16 (autocast + GradScaler, CUDA only)."""
     total_steps: int | None = None
     """Optimizer steps of your real training run, filled into the schedule recommendation."""
+    extend_range: bool = True
+    """When the loss has not turned up by max_lr, go on up the same ladder until it does or diverges (at most num_steps more steps, up to 1000 x max_lr); false: stop at max_lr."""
+    val_every: int = 2
+    """With a val_loader: record the validation loss every this many steps."""
+    val_batches: int = 4
+    """With a val_loader: the validation loss is the mean over this many of its batches, the same ones every time."""
 
     def __post_init__(self) -> None:
         _check_lr("min_lr", self.min_lr)
@@ -80,7 +86,7 @@ class SweepArgs:
         if self.max_lr <= self.min_lr:
             raise ValueError(f"max_lr={self.max_lr!r} must be greater than min_lr={self.min_lr!r}; "
                              "please decrease min_lr or increase max_lr")
-        for name, least in (("num_steps", 2), ("accumulation_steps", 1)):
+        for name, least in (("num_steps", 2), ("accumulation_steps", 1), ("val_every", 1), ("val_batches", 1)):
             value = getattr(self, name)
             if not is_int(value):
                 raise TypeError(f"{name}={value!r} must be an int >= {least}, got {type(value).__name__}")
@@ -99,6 +105,8 @@ class SweepArgs:
         norm = self.max_grad_norm
         if norm is not None and (not is_real(norm) or not math.isfinite(norm) or norm <= 0):
             raise ValueError(f"max_grad_norm={norm!r} is not allowed; use None (no clipping) or a number > 0")
+        if not isinstance(self.extend_range, bool):
+            raise TypeError(f"extend_range={self.extend_range!r} must be True or False")
         total = self.total_steps
         if total is not None and (not is_int(total) or total < 1):
             raise ValueError(f"total_steps={total!r} is not allowed; use None or an int >= 1")

@@ -108,16 +108,16 @@ def config_file(argv: list[str] | None = None) -> Path | None:
 
 
 def _paths_from(path: Path, data: dict) -> dict:
-    """A YAML file's own paths (``model``, ``data``, ``deepspeed``) are relative to the file, so
+    """A YAML file's own paths (``model``, ``data``, ``val_data``, ``deepspeed``) are relative to the file, so
     that a config runs from any working directory; built-in names and factories stay as they are."""
     base = path.resolve().parent
     out = dict(data)
-    for key in ("model", "data", "deepspeed"):
+    for key in ("model", "data", "val_data", "deepspeed"):
         value = out.get(key)
         if not isinstance(value, str) or value in BUILTIN_MODELS or value == "demo":
             continue
         if ":" in value and not (base / value).exists() and "/" not in value.split(":")[0]:
             continue  # a package.module:function factory
-        parts = value.split(",") if key == "data" else [value]
+        parts = value.split(",") if key in ("data", "val_data") else [value]
         out[key] = ",".join(p if Path(p.strip()).is_absolute() else str(base / p.strip()) for p in parts if p.strip())
     return out

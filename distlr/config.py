@@ -41,6 +41,8 @@ class RunConfig:
     """'demo' (tiny GPT), 'gpt2-small', a Hugging Face model directory or config.json, or 'package.module:function'."""
     data: str = "demo"
     """'demo' (Python's own documentation); text files, .pt/.npy/.bin token files, .jsonl/.json/.parquet/.csv/.arrow files (comma-separated, a glob, or a directory of .txt files); a saved Hugging Face datasets directory; or 'package.module:function'."""
+    val_data: str | None = None
+    """A validation set, read as --data is: with it, the validation loss (the same val_batches batches each time) is recorded every val_every steps and drawn in the plot."""
     text_column: str = "text"
     """The column holding the text in a Hugging Face dataset or .jsonl/.parquet/... files (an 'input_ids' column is used as it is)."""
     token_dtype: TokenDtype = "uint16"

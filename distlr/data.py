@@ -9,30 +9,48 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
-from distlr.distributed import DistContext
+from distlr.distributed import DistContext, agree_on_failure
 
 logger = logging.getLogger(__name__)
 
 
-def check_loader(loader: Any) -> None:
-    """Reject what cannot be a training loader, before anything runs.
+def check_loader(loader: Any, *, name: str = "train_dataloader") -> None:
+    """Reject what cannot be a loader, before anything runs.
 
     Raises:
         TypeError: ``loader`` is not iterable.
         ValueError: ``loader`` has a length of 0.
     """
     if not isinstance(loader, Iterable):
-        raise TypeError(
-            f"train_dataloader must be an iterable of batches (e.g. a torch DataLoader); got {type(loader).__name__}"
-        )
+        raise TypeError(f"{name} must be an iterable of batches (e.g. a torch DataLoader); got {type(loader).__name__}")
     try:
         length = len(loader)
     except TypeError:
         return  # an iterable without a length: emptiness shows on the first fetch
     if length == 0:
-        raise ValueError(
-            "train_dataloader is empty (len 0): it yields no batches; check the dataset, batch_size and drop_last"
-        )
+        raise ValueError(f"{name} is empty (len 0): it yields no batches; check the dataset, batch_size and drop_last")
+
+
+def read_fixed_batches(loader: Iterable[Any], count: int, ctx: DistContext) -> list[Any]:
+    """The first ``count`` batches of ``loader`` (fewer if it holds fewer), read once and kept.
+
+    Read with the global RNG set aside (``torch.random.fork_rng``), so a shuffling loader does
+    not change the training batches that follow. Every rank must call this (a rank whose shard
+    yields nothing fails every rank).
+
+    Raises:
+        ValueError: the loader yields no batch on some rank.
+    """
+    with torch.random.fork_rng(devices=[]):
+        it = iter(loader)
+        batches = [batch for _, batch in zip(range(count), it)]
+        if hasattr(it, "close"):
+            it.close()
+    with agree_on_failure(ctx):
+        if not batches:
+            raise ValueError("val_loader yielded no batches on rank "
+                             f"{ctx.rank}; check its dataset, batch_size and drop_last")
+    return batches
 
 
 class BatchStream:

@@ -36,15 +36,22 @@ def plot_result(
         ax.plot(result.lrs, result.smoothed_losses, color="C0", linewidth=1.5, alpha=0.6,
                 label="EMA (stop decision; lags)")
     if result.trend_losses:
-        ax.plot(result.lrs, result.trend_losses, color="C0", linewidth=2, label="zero-lag trend (what steepest_gradient reads)")
+        ax.plot(result.lrs, result.trend_losses, color="C0", linewidth=2,
+                label="zero-lag trend (its turn-up is what the suggestion reads)")
+    if result.val_losses:
+        ax.plot([result.lrs[i] for i in result.val_steps], result.val_losses, "s-", color="C4", markersize=3,
+                linewidth=1, label="validation loss")
+    if result.extended_steps:
+        ax.axvspan(result.max_lr, result.lrs[-1], color="0.5", alpha=0.08, linewidth=0,
+                   label=f"range extended past max_lr={result.max_lr:.2g} ({result.extended_steps} steps)")
     if log_scale:
         ax.set_xscale("log")
     if show_suggestion and result.optimal_lr is not None and result.best_lr_idx is not None:
         y = (result.trend_losses or result.smoothed_losses or result.losses)[result.best_lr_idx]
         spread = result.confidence
-        if spread is not None and spread["answered"] > 0:
+        if spread is not None:
             ax.axvspan(spread["low"], spread["high"], color="C3", alpha=0.12, linewidth=0,
-                       label=f"suggestion under noise (10-90 %, {spread['spread']:.1f}x)")
+                       label=f"band: another range test's suggestion, 4 times in 5 ({spread['spread']:.1f}x)")
         ax.axvline(result.optimal_lr, color="C3", linestyle="--", linewidth=1)
         ax.plot([result.optimal_lr], [y], "o", color="C3",
                 label=f"suggested {result.optimal_lr:.2e} ({result.suggestion_method}, constant)")

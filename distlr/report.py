@@ -31,9 +31,11 @@ OUTPUTS = (RESULT_FILE, PLOT_FILE, CONFIG_FILE, TUNED_DS_FILE)
 
 
 def format_step(index: int, num_steps: int, lr: float, loss: float, smoothed: float) -> str:
-    """One fixed-width line per step: ``step 037/100 | lr 3.16e-03 | loss 2.4132 | smooth 2.4410``."""
+    """One fixed-width line per step: ``step 037/100 | lr 3.16e-03 | loss 2.4132 | smooth 2.4410``;
+    a step past ``max_lr`` (an extended range) shows as ``step 105/100+``."""
     width = len(str(num_steps))
-    return f"step {index + 1:0{width}d}/{num_steps} | lr {lr:.2e} | loss {loss:.4f} | smooth {smoothed:.4f}"
+    past = "+" if index >= num_steps else " "
+    return f"step {index + 1:0{width}d}/{num_steps}{past}| lr {lr:.2e} | loss {loss:.4f} | smooth {smoothed:.4f}"
 
 
 class ProgressReporter:
@@ -47,12 +49,12 @@ class ProgressReporter:
 
     def step(self, index: int, lr: float, loss: float, smoothed: float) -> None:
         if self.bar:
-            done = (index + 1) * 30 // self.num_steps
+            done = min(30, (index + 1) * 30 // self.num_steps)
             line = format_step(index, self.num_steps, lr, loss, smoothed)
             self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {line}")
             self.stream.flush()
             self._drawn = True
-        elif (index % self.log_every == 0 or index + 1 == self.num_steps) and logger.isEnabledFor(logging.INFO):
+        elif (index % self.log_every == 0 or index + 1 >= self.num_steps) and logger.isEnabledFor(logging.INFO):
             logger.info(format_step(index, self.num_steps, lr, loss, smoothed))
 
     def warn(self, message: str) -> None:
@@ -74,19 +76,22 @@ def summary(result: LRFinderResult) -> str:
     if result.optimal_lr is not None:
         lines.append(f"suggested lr: {result.optimal_lr:.3e}  ({result.suggestion_method}; constant LR)")
         if result.peak_lr is not None:
-            lines.append(f"schedule:     one-cycle / warmup-cosine peak {result.peak_lr:.3e}")
+            plateau = (result.schedule or {}).get("wsd", {}).get("plateau_lr")
+            wsd = f"; warmup-stable-decay plateau {plateau:.3e}" if plateau is not None else ""
+            lines.append(f"schedule:     one-cycle / warmup-cosine peak {result.peak_lr:.3e}{wsd}")
         spread = result.confidence
-        if spread is not None and spread["answered"] > 0:
-            lines.append(f"confidence:   {spread['low']:.2e} .. {spread['high']:.2e} under the curve's own noise "
-                         f"({spread['spread']:.1f}x)")
+        if spread is not None:
+            lines.append(f"band:         {spread['low']:.2e} .. {spread['high']:.2e} ({spread['spread']:.1f}x): where "
+                         "another range test (another data order) lands 4 times in 5; --repeats 3 narrows it")
     else:
         lines.append(f"no suggestion ({result.suggestion_method}): {result.suggestion_note}")
     others = ", ".join(
         f"{name} {lr:.2e}" if lr is not None else f"{name} -" for name, lr in result.suggestions.items()
     )
     lines.append(f"all rules:    {others}")
+    extended = f" and {result.extended_steps} past max_lr" if result.extended_steps else ""
     ended = {
-        "completed": f"ran all {result.num_steps} steps",
+        "completed": f"ran all {result.num_steps} steps{extended}",
         "diverged": f"loss diverged at step {_step_of(result)} (lr {_lr_at(result)}), stopped",
         "non_finite": f"loss was not finite at step {_step_of(result)} (lr {_lr_at(result)}), stopped",
     }[result.stop_reason]

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """1: the first release; 2: added peak_lr, confidence, range_notes, trend_losses, inputs,
-provenance and schema_version."""
+provenance and schema_version; 3: added extended_steps, val_steps and val_losses."""
 
 
 @dataclass
@@ -81,6 +81,13 @@ class LRFinderResult:
     provenance: dict[str, Any] = field(default_factory=dict)
     """Where the result came from: the versions of distlr, torch, transformers and deepspeed, the
     launcher and the world size."""
+    extended_steps: int = 0
+    """Steps run past ``max_lr`` because the loss had not turned up there (``extend_range``):
+    the last ``extended_steps`` entries of ``lrs`` lie above ``max_lr``."""
+    val_steps: list[int] = field(default_factory=list)
+    """With a ``val_loader``: the step (index into ``lrs``) after which each validation loss was measured."""
+    val_losses: list[float] = field(default_factory=list)
+    """With a ``val_loader``: the validation loss (mean over all ranks) after each of ``val_steps``."""
     schema_version: int = SCHEMA_VERSION
     """The layout of this result's JSON; a reader of an older one gets its missing fields' defaults."""
 
@@ -105,7 +112,9 @@ class LRFinderResult:
         if unknown:
             raise ValueError(f"unknown LRFinderResult field(s) {unknown}; allowed: {sorted(known)}")
         data = dict(data)
-        for key in ("losses", "smoothed_losses"):
+        for key in ("losses", "smoothed_losses", "trend_losses", "val_losses"):
+            if key not in data:
+                continue
             data[key] = [math.nan if v is None else float(v) for v in data[key]]
         return cls(**data)
 

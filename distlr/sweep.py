@@ -1,15 +1,16 @@
-"""The sweep: one optimizer step per ladder LR, one global loss, one stop decision per step."""
+"""The range test's loop: one optimizer step per ladder LR, one global loss, one stop decision per step."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from distlr import distributed as D
 from distlr.backends.base import ITEMS, LOSS_SUM, SAMPLES, SKIPPED, Backend
 from distlr.data import BatchStream
+from distlr.ladder import Ladder
 from distlr.tracker import LossTracker, StopReason
 
 MAX_SKIPPED_IN_A_ROW = 25
@@ -39,16 +40,31 @@ class SweepHistory:
     stop_reason: StopReason = StopReason.COMPLETED
     diverged_at: int | None = None
     skipped_steps: int = 0
+    extended_steps: int = 0
+    """Steps run past ``max_lr`` because the loss had not turned up there."""
+    val_steps: list[int] = field(default_factory=list)
+    """The step (index into ``lrs``) after which each validation loss was measured."""
+    val_losses: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A fixed set of validation batches, measured every ``every`` recorded steps."""
+
+    batches: Sequence[Any]
+    every: int
 
 
 def run_sweep(
     backend: Backend,
     stream: BatchStream,
-    ladder: Sequence[float],
+    ladder: Ladder,
     tracker: LossTracker,
     ctx: D.DistContext,
     *,
     reporter: StepReporter | None = None,
+    extend: Callable[[list[float], list[float]], bool] | None = None,
+    validation: Validation | None = None,
 ) -> SweepHistory:
     """Run the range test over ``ladder`` and return the recorded curve.
 
@@ -58,14 +74,23 @@ def run_sweep(
     runs the same deterministic smoothing and stop rule on the same numbers, so every rank
     leaves on the same step with no further collective.
 
+    Args:
+        extend: past ``max_lr``, ``extend(lrs, losses)`` is asked before each further step
+            whether the range goes on (at most ``ladder.extension_cap`` steps). It is pure and
+            every rank asks it the same numbers, so every rank decides alike. None: stop at max_lr.
+        validation: measure the mean validation loss of these batches (over all ranks) after
+            every ``validation.every``-th step; one more all-reduce on those steps.
+
     Raises:
         Fp16OverflowError: fp16 overflowed on ``MAX_SKIPPED_IN_A_ROW`` steps in a row (on every rank).
     """
     history = SweepHistory()
     skipped_in_a_row = 0
     index = 0
-    while index < len(ladder):
-        lr = ladder[index]
+    end = ladder.num_steps
+    while index < end or (extend is not None and index < ladder.num_steps + ladder.extension_cap
+                          and extend(history.lrs, history.losses)):
+        lr = ladder.lr(index)
         backend.set_lr(lr)
         stats = backend.train_step(stream.take(backend.accumulation_steps), index)
         D.all_reduce_step_stats(ctx, stats, index)
@@ -95,6 +120,17 @@ def run_sweep(
             history.stop_reason = StopReason.NON_FINITE if non_finite else StopReason.DIVERGED
             history.diverged_at = index
             break
+        if validation is not None and (index + 1) % validation.every == 0:
+            history.val_steps.append(index)
+            history.val_losses.append(_validation_loss(backend, validation, ctx, index))
         index += 1
+    history.extended_steps = max(0, len(history.lrs) - ladder.num_steps)
     history.smoothed = list(tracker.smoothed)
     return history
+
+
+def _validation_loss(backend: Backend, validation: Validation, ctx: D.DistContext, index: int) -> float:
+    stats = backend.eval_loss(validation.batches)
+    D.all_reduce_step_stats(ctx, stats, index)
+    values = stats.tolist()
+    return values[LOSS_SUM] / values[ITEMS] if values[ITEMS] else math.nan

@@ -118,7 +118,7 @@ def bf16(out: Path) -> dict:
     with LRFinder.from_accelerator(accelerator, model, optimizer, loader, mse) as finder:
         refused = errors_of({"amp": lambda: finder.find(num_steps=5, amp="fp16")})["amp"]
         steps_when_refused = len(seen)
-        result = finder.find(min_lr=1e-4, max_lr=1.0, num_steps=10)
+        result = finder.find(min_lr=1e-4, max_lr=1.0, num_steps=10, extend_range=False)
     return {"refused": refused, "steps_when_refused": steps_when_refused, "dtypes": sorted({str(d) for d in seen}),
             "losses": result.losses}
 
@@ -142,7 +142,7 @@ def zero(out: Path, stage: str) -> dict:
 
     config, plugin = _deepspeed_plugin(int(stage))
     accelerator, engine, optimizer, loader = prepared(momentum=0.9, deepspeed_plugin=plugin)
-    sweep = dict(min_lr=1e-4, max_lr=1.0, num_steps=12)
+    sweep = dict(min_lr=1e-4, max_lr=1.0, num_steps=12, extend_range=False)
     state, before = loader_state(accelerator, loader), engine_digest(engine)
     with LRFinder.from_accelerator(accelerator, engine, optimizer, loader, mse) as finder:
         result = finder.find(**sweep).to_dict()
@@ -247,7 +247,7 @@ def test_accelerate_launch_runs_the_cli_with_its_mixed_precision(tmp_path):
     pytest.importorskip("accelerate")
     launcher = Path(sys.executable).parent / "accelerate"
     job = run_job([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "distlr", "--num-steps", "12",
+                   "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "distlr", "--num-steps", "12", "--no-extend-range",
                    "--output-dir", str(tmp_path / "run"), "--no-progress"], timeout=300, cwd=tmp_path)
     assert job.returncode == 0, job.explain()
     assert "from accelerate launch (a flag or the YAML file overrides these): amp=bf16" in job.output

@@ -206,7 +206,7 @@ def no_trace_in_the_process(out: Path) -> dict:
                   "shm_comm": deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm", "absent")}
         loader = DataLoader(regression_data(n=256), batch_size=8)
         with LRFinder(mlp(), loader, criterion=mse, device="cpu", deepspeed_config=ds_config(1)) as finder:
-            result = finder.find(min_lr=1e-4, max_lr=1e-2, num_steps=5)
+            result = finder.find(min_lr=1e-4, max_lr=1e-2, num_steps=5, extend_range=False)
         after = {"LOCAL_RANK": os.environ.get("LOCAL_RANK"),
                  "shm_comm": deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm", "absent")}
     finally:

@@ -48,7 +48,7 @@ def injected(out: Path) -> dict:
     model = mlp()
     loader = DataLoader(regression_data(n=1536), batch_size=8, shuffle=True)
     with LRFinder(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), offset_loss, device="cpu") as finder:
-        result = finder.find(min_lr=1e-4, max_lr=1.0, num_steps=15)
+        result = finder.find(min_lr=1e-4, max_lr=1.0, num_steps=15, extend_range=False)
     return {"result": result.to_dict(), "local": local}
 
 
@@ -59,7 +59,7 @@ def short_shard(out: Path) -> dict:
     mine = batches[:20] if RANK == 0 else batches[20:23]
     model = mlp()
     with LRFinder(model, mine, torch.optim.SGD(model.parameters(), lr=0.1), mse, device="cpu") as finder:
-        return finder.find(min_lr=1e-4, max_lr=1e-1, num_steps=12).to_dict()
+        return finder.find(min_lr=1e-4, max_lr=1e-1, num_steps=12, extend_range=False).to_dict()
 
 
 @scenarios
@@ -85,7 +85,7 @@ def collectives(out: Path) -> dict:
             for name in names:
                 setattr(dist, name, counting(name))
             try:
-                finder.find(min_lr=1e-5, max_lr=1e-3, num_steps=steps)
+                finder.find(min_lr=1e-5, max_lr=1e-3, num_steps=steps, extend_range=False)
             finally:
                 for name, fn in originals.items():
                     setattr(dist, name, fn)

@@ -274,7 +274,7 @@ class TupleOutput(nn.Module):
 def test_a_loss_logits_tuple_is_read_when_the_batch_has_labels():
     data = regression_data(n=64)
     batches = [{"x": data.tensors[0][i:i + 16], "labels": data.tensors[1][i:i + 16]} for i in range(0, 64, 16)]
-    result = LRFinder(TupleOutput(), batches, device="cpu").find(num_steps=6, max_lr=1e-2)
+    result = LRFinder(TupleOutput(), batches, device="cpu").find(num_steps=6, max_lr=1e-2, extend_range=False)
     assert result.steps_run == 6
 
 
@@ -291,7 +291,7 @@ class ReadsText(nn.Module):
 
 def test_a_list_of_strings_is_one_input_not_many():
     batches = [(["a", "bb", "ccc"], torch.tensor([1.0, 2.0, 3.0]))] * 4
-    result = LRFinder(ReadsText(), batches, criterion=nn.MSELoss(), device="cpu").find(num_steps=5, max_lr=1e-3)
+    result = LRFinder(ReadsText(), batches, criterion=nn.MSELoss(), device="cpu").find(num_steps=5, max_lr=1e-3, extend_range=False)
     assert result.steps_run == 5
 
 

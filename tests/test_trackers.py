@@ -67,7 +67,7 @@ def cli_run(tmp_path_factory):
            "HOME": str(tmp)}
     env.pop("WANDB_MODE", None)
     out = tmp / "run"
-    proc = subprocess.run([sys.executable, "-m", "distlr", "--num-steps", "25", "--output-dir", str(out),
+    proc = subprocess.run([sys.executable, "-m", "distlr", "--num-steps", "25", "--no-extend-range", "--output-dir", str(out),
                            "--report-to", "tensorboard,mlflow,wandb", "--no-progress"],
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -6,7 +6,8 @@ engine, ...). The facade and the sweep loop talk to it only through ``Backend``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from distlr.args import SweepArgs
-from distlr.batch import Criterion, LossFn
+from distlr.batch import Criterion, LossFn, count_items, count_samples
 from distlr.choices import SnapshotMode
 from distlr.distributed import DistContext
 from distlr.result import LRFinderResult
@@ -53,6 +54,10 @@ class Backend(Protocol):
     def train_step(self, micro_batches: Sequence[Any], step: int) -> torch.Tensor:
         """Forward, backward and one optimizer step; the packed statistics (``LOSS_SUM`` ...)
         on the device, not yet read (the sweep's one all-reduce does that)."""
+
+    def eval_loss(self, batches: Sequence[Any]) -> torch.Tensor:
+        """The packed statistics (``LOSS_SUM``, ``ITEMS``) of a forward pass over ``batches``
+        in eval mode without gradients, not yet read; the model is back in training mode after."""
 
     def make_snapshot(self, mode: SnapshotMode, directory: Path, sampler: Any | None) -> Snapshot:
         """This rank's state before the sweep, in host memory or on disk."""
@@ -141,3 +146,20 @@ class StepStats:
         stats[SAMPLES] = self._samples
         self._loss, self._items, self._samples = None, 0, 0
         return stats
+
+
+def eval_pass(model: nn.Module, batches: Sequence[Any], stats: StepStats, *, prepare: Callable[[Any], Any],
+              loss_of: Callable[[Any], torch.Tensor], causal_lm: bool,
+              autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """The packed statistics of a forward over ``batches`` in eval mode without gradients
+    (dropout off, BatchNorm's running statistics read, not updated); ``model`` is in training
+    mode again after. ``prepare`` makes a raw batch ready, ``loss_of`` runs the forward."""
+    model.eval()
+    try:
+        with torch.no_grad(), autocast or contextlib.nullcontext():
+            for raw in batches:
+                batch = prepare(raw)
+                stats.add(loss_of(batch), count_items(batch, causal_lm=causal_lm), count_samples(batch))
+    finally:
+        model.train()
+    return stats.finish()

@@ -19,7 +19,7 @@ from torch import nn
 
 from distlr import distributed as D
 from distlr.args import SweepArgs
-from distlr.backends.base import SKIPPED, BackendSpec, LrRamp, StepStats
+from distlr.backends.base import SKIPPED, BackendSpec, LrRamp, StepStats, eval_pass
 from distlr.batch import check_batch_fits, compute_loss, count_items, count_samples, is_causal_lm, prepare_batch
 from distlr.choices import SnapshotMode
 from distlr.result import LRFinderResult
@@ -170,6 +170,7 @@ class TorchBackend:
         self._ramp = LrRamp(self.optimizer)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._stats = StepStats(self.device)
+        self._val_stats = StepStats(self.device)
         self.notes: list[str] = []
         self.micro_batch_size: int | None = None
         self.accumulation_steps = 1
@@ -197,7 +198,7 @@ class TorchBackend:
         self._ops.zero_grad()
         n = len(micro_batches)
         for i, raw in enumerate(micro_batches):
-            batch = prepare_batch(raw, self.device, causal_lm=self.causal_lm, has_criterion=self.criterion is not None)
+            batch = self._prepare(raw)
             items = count_items(batch, causal_lm=self.causal_lm)
             if self.micro_batch_size is None:  # the first batch: checked once, not every step
                 if self.loss_fn is None:  # a loss_fn calls the model its own way
@@ -214,6 +215,14 @@ class TorchBackend:
         stats = self._stats.finish()
         stats[SKIPPED] = float(self._ops.step(self._params, self.max_grad_norm))
         return stats
+
+    def eval_loss(self, batches: Sequence[Any]) -> torch.Tensor:
+        return eval_pass(self.model, batches, self._val_stats, prepare=self._prepare, causal_lm=self.causal_lm,
+                         loss_of=lambda batch: compute_loss(self.model, batch, self.criterion, self.loss_fn),
+                         autocast=self._ops.autocast())
+
+    def _prepare(self, raw: Any) -> Any:
+        return prepare_batch(raw, self.device, causal_lm=self.causal_lm, has_criterion=self.criterion is not None)
 
     def _backward_sync(self, step: int) -> contextlib.AbstractContextManager:
         # A data-parallel model all-reduces its gradients in backward: a failure there is a

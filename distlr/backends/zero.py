@@ -31,7 +31,7 @@ from torch import nn
 
 from distlr import distributed as D
 from distlr.args import SweepArgs
-from distlr.backends.base import BackendSpec, LrRamp, StepStats
+from distlr.backends.base import BackendSpec, LrRamp, StepStats, eval_pass
 from distlr.backends.dsconfig import auto_values, sweep_config, total_steps_from, tuned_config, unknown_keys
 from distlr.batch import (cast_floating_inputs, check_batch_fits, compute_loss, count_items, count_samples,
                           is_causal_lm, prepare_batch)
@@ -230,6 +230,7 @@ class DeepSpeedBackend:
         self.dtype = engine_dtype(self.engine)
         self._ramp = LrRamp(self.engine.optimizer)
         self._stats = StepStats(self.device)
+        self._val_stats = StepStats(self.device)
         self.micro_batch_size: int | None = None
 
     @property
@@ -263,8 +264,7 @@ class DeepSpeedBackend:
             engine.train()
         skipped_before = engine.skipped_steps
         for raw in micro_batches:
-            batch = prepare_batch(raw, self.device, causal_lm=self.causal_lm, has_criterion=self.criterion is not None)
-            batch = cast_floating_inputs(batch, self.dtype, has_criterion=self.criterion is not None)
+            batch = self._prepare(raw)
             items = count_items(batch, causal_lm=self.causal_lm)
             if self.micro_batch_size is None:  # the first batch: checked once, not every step
                 if self.loss_fn is None:  # a loss_fn calls the model its own way
@@ -277,6 +277,15 @@ class DeepSpeedBackend:
             self._stats.add(loss, items, count_samples(batch))
         # fp16: DeepSpeed's loss scaler skips a step that overflowed; it is no point on the curve.
         return self._stats.finish(skipped=engine.skipped_steps > skipped_before)
+
+    def eval_loss(self, batches: Sequence[Any]) -> torch.Tensor:
+        # ZeRO-3 gathers the parameters for an eval forward as for a training one.
+        return eval_pass(self.engine, batches, self._val_stats, prepare=self._prepare, causal_lm=self.causal_lm,
+                         loss_of=lambda batch: compute_loss(self.engine, batch, self.criterion, self.loss_fn))
+
+    def _prepare(self, raw: Any) -> Any:
+        batch = prepare_batch(raw, self.device, causal_lm=self.causal_lm, has_criterion=self.criterion is not None)
+        return cast_floating_inputs(batch, self.dtype, has_criterion=self.criterion is not None)
 
     def make_snapshot(self, mode: SnapshotMode, directory: Path, sampler: Any | None) -> DeepSpeedSnapshot:
         return DeepSpeedSnapshot(self.engine, mode, directory, self.ctx, sampler=sampler)

@@ -1,6 +1,7 @@
-"""What the analysis after a sweep costs: every rule, the one-cycle peak, the bootstrap
-confidence and the range checks (``distlr.analysis.build_result``), against one training step
-of the demo model measured in the same run.
+"""What the analysis after a sweep costs: every rule, the three numbers, the bootstrap
+confidence and the range checks (``distlr.analysis.build_result``), and the check an extended
+range makes before each step past max_lr (``distlr.suggest.still_open``), against one training
+step of the demo model measured in the same run.
 
     .venv/bin/python benchmarks/analysis_time.py
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from distlr.analysis import build_result
+from distlr.suggest import still_open
 from distlr.build import build_model
 from distlr.corpus import byte_tokens, demo_text
 
@@ -47,6 +49,16 @@ def analysis_ms(n: int) -> list[float]:
     return times
 
 
+def still_open_ms(n: int) -> list[float]:
+    lrs, losses, _ = curve(n)
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        still_open(lrs, losses)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def demo_step_ms() -> list[float]:
     torch.manual_seed(0)
     model = build_model("demo", seq_len=64)
@@ -68,13 +80,13 @@ def main() -> None:
     step_med = statistics.median(step)
     print(f"one demo training step (batch 16 x 64 tokens, 1 thread): median {step_med:.1f} ms "
           f"(25-75 %: {np.percentile(step, 25):.1f}-{np.percentile(step, 75):.1f})\n")
-    print("| points | analysis ms (median) | 25-75 % | x one demo step |")
-    print("|--:|--:|--:|--:|")
+    print("| points | analysis ms (median) | 25-75 % | x one demo step | still_open ms (each step past max_lr) |")
+    print("|--:|--:|--:|--:|--:|")
     for n in (30, 100, 300, 1000):
-        ms = analysis_ms(n)
+        ms, check = analysis_ms(n), still_open_ms(n)
         med = statistics.median(ms)
         print(f"| {n} | {med:.1f} | {np.percentile(ms, 25):.1f}-{np.percentile(ms, 75):.1f} | "
-              f"{med / step_med:.2f} |")
+              f"{med / step_med:.2f} | {statistics.median(check):.2f} |")
     assert math.isfinite(step_med)
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The suggestion benchmark from a fresh clone: set up .venv, add its one extra (scikit-learn's
-# bundled datasets), then run. Arguments go to run.py (e.g. --only-score, --tasks a,b).
-#   bash benchmarks/suggestion/run.sh             # ~15 min on 2 cores cold, seconds when cached
-#   bash benchmarks/suggestion/run.sh tune        # re-derive the constants (tune.py)
+# bundled datasets), then run. Arguments go to run.py (e.g. --only-score, --tasks a,b, --quick).
+#   bash benchmarks/suggestion/run.sh             # ~45 min on 2 cores cold, seconds when cached
+#   bash benchmarks/suggestion/run.sh --quick     # one task per family, ~12 min cold
+#   bash benchmarks/suggestion/run.sh tune        # only re-choose the constants (tune.py, no training)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash scripts/setup.sh

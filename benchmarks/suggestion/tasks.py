@@ -1,93 +1,138 @@
-"""The benchmark's tasks: data, model, optimizer, loss, budget.
+"""The benchmark's tasks: data, model, optimizer, loss, budget, and the family each belongs to.
 
-Every task is small enough that one training run (budget optimizer steps + two val passes)
-takes about a second or less on one CPU thread. Data is generated, comes from scikit-learn's
-bundled datasets, or from Python's own stdlib text (pydoc topics, stdlib source). Nothing
-downloads.
+34 tasks in 8 families (the unit of leave-one-family-out cross-validation): 20 trained from
+scratch (linear models, MLPs, CNNs, recurrent nets, transformers) and 14 fine-tuned from a
+model pretrained here, once, deterministically (cached under cache/pretrained/). Every task is
+small enough that one training run takes about a second or less on one CPU thread. Data is
+generated, comes from scikit-learn's bundled datasets, or from Python's own text (``taskdata``).
 
 Bump a task's ``version`` whenever anything that changes its numbers changes: the cache key
-includes it.
+includes it. ``pretrain`` keys are shared: tasks fine-tuned from the same model name the same one.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
+
+import models as M
+import taskdata as D
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"
 
+SCRATCH_FAMILIES = ("linear", "mlp", "cnn", "rnn", "transformer")
+FINETUNE_FAMILIES = ("ft_lm", "ft_vision", "ft_other")
 
-# ----------------------------------------------------------------------------------------------
-# Task container
-# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pretraining:
+    """How a fine-tuning task's starting model is made: ``steps`` of AdamW at ``lr`` (one-cycle)
+    on ``data()`` batches of ``batch_size``, from ``model()`` seeded with ``seed``."""
+
+    key: str
+    model: Callable[[], nn.Module]
+    data: Callable[[], Any]
+    steps: int
+    lr: float
+    batch_size: int = 32
+    loss: str = "criterion"           # as Task.loss
+    criterion: Callable[[], nn.Module] | None = nn.CrossEntropyLoss
+    seed: int = 1234
+    version: int = 2
+
+    def path(self) -> Path:
+        return CACHE / "pretrained" / f"{self.key}@pre{self.version}.pt"
+
 
 @dataclass
 class Task:
     name: str
     version: int
-    half: str                      # "tune" or "held-out"
-    kind: str                      # "ordinary" or "finetune"
-    opt_family: str                # "sgd" or "adam" (for the no-finder baseline)
+    family: str
     description: str
     batch_size: int
     budget: int                    # optimizer steps of one training run
     grid_lo_k: int                 # first grid point, as k in 10**(k/10)
-    data_fn: Callable[[], dict]    # -> {"train": tensors/tuple, "val": ...}
-    model_fn: Callable[[int], nn.Module]
-    opt_fn: Callable[[Any, float], torch.optim.Optimizer]
-    criterion_fn: Callable[[], nn.Module | None]
-    is_lm: bool = False
-    pretrain_fn: Callable[["Task"], dict] | None = None   # -> state_dict (fine-tuning tasks)
-    pretrain_version: int = 1      # bump when pretrain_fn changes (independent of version)
-    reset_head: bool = False       # fine-tuning with a new (seeded) head: model.head.reset_parameters()
+    data_fn: Callable[[], dict]    # -> {"train": split, "val": split}
+    model_fn: Callable[[], nn.Module]
+    opt_fn: Callable[[nn.Module, float], torch.optim.Optimizer]
+    opt_family: str                # "sgd" or "adam" (for the no-finder baseline)
+    loss: str = "criterion"        # "criterion": criterion(model(x), y); "model": model(**batch).loss;
+                                   # "targets": model(x, y) -> (logits, loss)
+    criterion_fn: Callable[[], nn.Module] | None = None
+    pretrain: Pretraining | None = None
+    new_head: bool = False         # fine-tuning with a new (seeded) head: model.head is re-initialised
+    frozen_body: bool = False      # only the head trains
     extra: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
         return f"{self.name}@v{self.version}"
 
-    # data is built once per process
+    @property
+    def kind(self) -> str:
+        return "finetune" if self.family.startswith("ft_") else "scratch"
+
     def data(self) -> dict:
         return _data_cache(self.name, self.version, self.data_fn)
 
-    def criterion(self):
-        return self.criterion_fn()
-
-    def pretrained_path(self) -> Path:
-        return CACHE / "pretrained" / f"{self.name}@pre{self.pretrain_version}.pt"
+    def criterion(self) -> nn.Module | None:
+        return None if self.criterion_fn is None else self.criterion_fn()
 
     def ensure_pretrained(self) -> None:
-        if self.pretrain_fn is None:
+        if self.pretrain is None or self.pretrain.path().exists():
             return
-        path = self.pretrained_path()
-        if path.exists():
-            return
+        path = self.pretrain.path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = self.pretrain_fn(self)
-        tmp = path.with_suffix(".tmp")
+        state = run_pretraining(self.pretrain)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
 
     def make_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        model = self.model_fn(seed)
-        if self.pretrain_fn is not None:
-            state = _load_pretrained(str(self.pretrained_path()))
-            model.load_state_dict(state)
-            if self.reset_head:
+        model = self.model_fn()
+        if self.pretrain is not None:
+            saved = _load_pretrained(str(self.pretrain.path()))
+            head_keys = {f"{_head_name(model)}.{k}" for k in _head(model).state_dict()} if self.new_head else set()
+            # A new head may differ in shape; anything else must load as pretrained, or fail.
+            state = {k: v for k, v in saved.items() if k not in head_keys}
+            missing, _ = model.load_state_dict(state, strict=False)
+            unexplained = [k for k in missing if k not in head_keys and ".pooler." not in k]
+            if unexplained:
+                raise RuntimeError(f"{self.name}: the pretrained {self.pretrain.key} lacks {unexplained[:4]}")
+            head = _head(model) if self.new_head or self.frozen_body else None
+            if self.new_head:
                 torch.manual_seed(seed)
-                model.head.reset_parameters()
+                for m in head.modules():
+                    if hasattr(m, "reset_parameters"):
+                        m.reset_parameters()
+            if self.frozen_body:
+                head_params = {id(p) for p in head.parameters()}
+                for p in model.parameters():
+                    p.requires_grad_(id(p) in head_params)
         return model
+
+    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return self.opt_fn(model, lr)
+
+
+def _head_name(model: nn.Module) -> str:
+    for name in ("head", "classifier"):
+        if hasattr(model, name):
+            return name
+    raise AttributeError(f"{type(model).__name__} has no head or classifier")
+
+
+def _head(model: nn.Module) -> nn.Module:
+    return getattr(model, _head_name(model))
 
 
 _DATA: dict = {}
@@ -105,346 +150,221 @@ def _load_pretrained(path: str) -> dict:
     return torch.load(path, weights_only=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Data helpers
-# ----------------------------------------------------------------------------------------------
+# ---- losses, batches --------------------------------------------------------------------------
 
-def _split(X, y, n_val, seed=0):
-    g = np.random.default_rng(seed)
-    idx = g.permutation(len(X))
-    va, tr = idx[:n_val], idx[n_val:]
-    return (X[tr], y[tr]), (X[va], y[va])
-
-
-def _t(a, dtype=torch.float32):
-    return torch.as_tensor(np.asarray(a), dtype=dtype)
+def loss_of(kind: str, model: nn.Module, batch: Any, criterion: nn.Module | None) -> torch.Tensor:
+    if kind == "model":
+        return model(**batch).loss
+    if kind == "targets":
+        return model(*batch)[1]
+    x, y = batch
+    return criterion(model(x), y)
 
 
-def _standardise(tr, va):
-    mu, sd = tr.mean(0), tr.std(0) + 1e-8
-    return (tr - mu) / sd, (va - mu) / sd
+def n_samples(split: Any) -> int:
+    return len(next(iter(split.values()))) if isinstance(split, dict) else len(split[0])
 
 
-def data_breast_cancer():
-    from sklearn.datasets import load_breast_cancer
-    X, y = load_breast_cancer(return_X_y=True)
-    (Xt, yt), (Xv, yv) = _split(X, y, 170)
-    Xt, Xv = _standardise(Xt, Xv)
-    return {"train": (_t(Xt), _t(yt, torch.long)), "val": (_t(Xv), _t(yv, torch.long))}
+def take(split: Any, idx: torch.Tensor) -> Any:
+    if isinstance(split, dict):
+        return {k: v[idx] for k, v in split.items()}
+    return tuple(v[idx] for v in split)
 
 
-def data_diabetes():
-    from sklearn.datasets import load_diabetes
-    X, y = load_diabetes(return_X_y=True)
-    (Xt, yt), (Xv, yv) = _split(X, y, 130)
-    Xt, Xv = _standardise(Xt, Xv)
-    mu, sd = yt.mean(), yt.std()
-    yt, yv = (yt - mu) / sd, (yv - mu) / sd
-    return {"train": (_t(Xt), _t(yt)[:, None]), "val": (_t(Xv), _t(yv)[:, None])}
+class SplitDataset(torch.utils.data.Dataset):
+    """A split as a Dataset: rows of a tuple of tensors, or of a dict of tensors (which the
+    default collate turns back into dict batches)."""
 
-
-def data_sum_regression():
-    g = np.random.default_rng(3)
-    d = 20
-    X = g.normal(size=(1400, d))
-    y = X.sum(1) / math.sqrt(d) + 0.5 * np.sin(2 * X[:, 0]) + 0.3 * g.normal(size=len(X))
-    (Xt, yt), (Xv, yv) = _split(X, y, 400)
-    return {"train": (_t(Xt), _t(yt)[:, None]), "val": (_t(Xv), _t(yv)[:, None])}
-
-
-def data_clusters():
-    g = np.random.default_rng(4)
-    d, c = 24, 8
-    centers = g.normal(size=(c, d)) * 0.9
-    y = g.integers(0, c, size=2000)
-    X = centers[y] + g.normal(size=(len(y), d))
-    (Xt, yt), (Xv, yv) = _split(X, y, 500)
-    return {"train": (_t(Xt), _t(yt, torch.long)), "val": (_t(Xv), _t(yv, torch.long))}
-
-
-def _digits(classes=None):
-    from sklearn.datasets import load_digits
-    X, y = load_digits(return_X_y=True)
-    X = X / 16.0
-    if classes is not None:
-        m = np.isin(y, classes)
-        X, y = X[m], y[m]
-    return X.reshape(-1, 1, 8, 8), y
-
-
-def data_digits():
-    X, y = _digits()
-    (Xt, yt), (Xv, yv) = _split(X, y, 500)
-    return {"train": (_t(Xt), _t(yt, torch.long)), "val": (_t(Xv), _t(yv, torch.long))}
-
-
-def data_digits_ft():
-    X, y = _digits(classes=[5, 6, 7, 8, 9])
-    (Xt, yt), (Xv, yv) = _split(X, y, 400, seed=5)
-    Xt, yt = Xt[:120], yt[:120]            # a small fine-tuning set
-    return {"train": (_t(Xt), _t(yt, torch.long)), "val": (_t(Xv), _t(yv, torch.long))}
-
-
-def data_digits_pre():
-    X, y = _digits(classes=[0, 1, 2, 3, 4])
-    return {"train": (_t(X), _t(y, torch.long))}
-
-
-def data_gru_cls():
-    g = np.random.default_rng(7)
-    n, T, d = 1600, 12, 4
-    X = g.normal(size=(n, T, d))
-    # label: which of 4 channels has the largest sum over the second half of the sequence
-    y = X[:, T // 2:, :].sum(1).argmax(1)
-    (Xt, yt), (Xv, yv) = _split(X, y, 400)
-    return {"train": (_t(Xt), _t(yt, torch.long)), "val": (_t(Xv), _t(yv, torch.long))}
-
-
-def data_lstm_reg():
-    g = np.random.default_rng(8)
-    n, T, d = 1400, 12, 3
-    X = g.normal(size=(n, T, d))
-    w = 0.75 ** np.arange(T)[::-1]
-    y = (X[:, :, 0] * w).sum(1) - 0.5 * (X[:, :, 1] * w[::-1]).sum(1) + 0.2 * g.normal(size=n)
-    y = y / y.std()
-    (Xt, yt), (Xv, yv) = _split(X, y, 400)
-    return {"train": (_t(Xt), _t(yt)[:, None]), "val": (_t(Xv), _t(yv)[:, None])}
-
-
-def data_moons():
-    from sklearn.datasets import make_moons
-    X, y = make_moons(n_samples=1200, noise=0.25, random_state=10)
-    g = np.random.default_rng(10)
-    X = np.concatenate([X, 0.5 * g.normal(size=(len(X), 6))], 1)   # 6 nuisance features
-    (Xt, yt), (Xv, yv) = _split(X, y, 400)
-    return {"train": (_t(Xt), _t(yt, torch.long)), "val": (_t(Xv), _t(yv, torch.long))}
-
-
-# ---- text ------------------------------------------------------------------------------------
-
-SEQ = 64
-
-
-def pydoc_bytes() -> bytes:
-    from pydoc_data.topics import topics
-    return "\n".join(topics[k] for k in sorted(topics)).encode("utf-8", "replace")
-
-
-def stdlib_bytes(name: str) -> bytes:
-    return (Path(sysconfig.get_paths()["stdlib"]) / name).read_bytes()
-
-
-def _chunks(b: bytes, n: int, offset: int = 0) -> torch.Tensor:
-    a = np.frombuffer(b, dtype=np.uint8)[offset: offset + n * SEQ]
-    return torch.as_tensor(a.astype(np.int64)).view(n, SEQ)
-
-
-def data_pydoc_lm():
-    b = pydoc_bytes()
-    return {"train": _chunks(b, 1500), "val": _chunks(b, 48, offset=len(b) - 48 * SEQ - 1)}
-
-
-def data_pydoc_pre():
-    b = pydoc_bytes()
-    n = (len(b) - 60_000) // SEQ
-    return {"train": _chunks(b, n)}
-
-
-def data_source_ft():
-    # the html5 entity table of the stdlib's html/entities.py: a different, very regular text
-    b = stdlib_bytes("html/entities.py")
-    return {"train": _chunks(b, 96, offset=14_000), "val": _chunks(b, 48, offset=34_000)}   # 6 KB / 3 KB
-
-
-class LMData(torch.utils.data.Dataset):
-    """Token rows as the dict batches a Hugging Face causal LM takes."""
-
-    def __init__(self, ids: torch.Tensor):
-        self.ids = ids
+    def __init__(self, split: Any):
+        self.split = split
 
     def __len__(self):
-        return len(self.ids)
+        return n_samples(self.split)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
+        if isinstance(self.split, dict):
+            return {k: v[i] for k, v in self.split.items()}
+        return tuple(v[i] for v in self.split)
 
 
-# ----------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------
+# ---- optimizers -------------------------------------------------------------------------------
 
-def tiny_gpt(seed: int) -> nn.Module:
-    import transformers
-    transformers.logging.set_verbosity_error()
-    from transformers import GPT2Config, GPT2LMHeadModel
-    cfg = GPT2Config(vocab_size=256, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=0, eos_token_id=0)
-    m = GPT2LMHeadModel(cfg)
-    m.loss_type = "ForCausalLM"
-    return m
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-class SmallCNN(nn.Module):
-    def __init__(self, width=8, n_out=10):
-        super().__init__()
-        self.f = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-                               nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Linear(2 * width * 16, n_out)
-
-    def forward(self, x):
-        return self.head(self.f(x).flatten(1))
+def sgd(model, lr):
+    return torch.optim.SGD(trainable(model), lr=lr)
 
 
-class SeqNet(nn.Module):
-    def __init__(self, cell: str, d_in: int, hidden: int, n_out: int):
-        super().__init__()
-        rnn = nn.GRU if cell == "gru" else nn.LSTM
-        self.rnn = rnn(d_in, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, n_out)
-
-    def forward(self, x):
-        out, _ = self.rnn(x)
-        return self.head(out[:, -1])
+def sgd_m(model, lr):
+    return torch.optim.SGD(trainable(model), lr=lr, momentum=0.9)
 
 
-def mlp(d_in, hidden, d_out, depth=2):
-    layers, d = [], d_in
-    for _ in range(depth):
-        layers += [nn.Linear(d, hidden), nn.ReLU()]
-        d = hidden
-    layers.append(nn.Linear(d, d_out))
-    return nn.Sequential(*layers)
+def sgd_nesterov(model, lr):
+    return torch.optim.SGD(trainable(model), lr=lr, momentum=0.9, nesterov=True)
 
 
-def bn_mlp(d_in, hidden, d_out):
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.2),
-                         nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.2),
-                         nn.Linear(hidden, d_out))
+def adam(model, lr):
+    return torch.optim.Adam(trainable(model), lr=lr)
 
 
-# ----------------------------------------------------------------------------------------------
-# Optimizers
-# ----------------------------------------------------------------------------------------------
-
-def sgd(p, lr):
-    return torch.optim.SGD(p, lr=lr)
+def adamw(model, lr):
+    return torch.optim.AdamW(trainable(model), lr=lr, weight_decay=0.01)
 
 
-def sgd_m(p, lr):
-    return torch.optim.SGD(p, lr=lr, momentum=0.9)
+def nanogpt_adamw(model, lr):
+    return M.nanogpt_optimizer(model, lr)
 
 
-def sgd_nesterov(p, lr):
-    return torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True)
+# ---- pre-training (run once per key, cached) --------------------------------------------------
 
-
-def adam(p, lr):
-    return torch.optim.Adam(p, lr=lr)
-
-
-def adamw(p, lr):
-    return torch.optim.AdamW(p, lr=lr, weight_decay=0.01)
-
-
-# ----------------------------------------------------------------------------------------------
-# Pre-training for the fine-tuning tasks (run once, cached under cache/pretrained/)
-# ----------------------------------------------------------------------------------------------
-
-def _plain_train(model, opt, batches, steps, loss_fn):
+def run_pretraining(pre: Pretraining) -> dict:
+    torch.manual_seed(pre.seed)
+    model = pre.model()
+    data = pre.data()
+    criterion = pre.criterion() if pre.criterion is not None else None
+    opt = torch.optim.AdamW(model.parameters(), lr=pre.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pre.lr, total_steps=pre.steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(pre.seed)
+    n = n_samples(data)
     model.train()
-    for step in range(steps):
-        loss = loss_fn(model, batches(step))
+    for step in range(pre.steps):
+        batch = take(data, torch.randint(n, (pre.batch_size,), generator=g))
+        loss = loss_of(pre.loss, model, batch, criterion)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return model
-
-
-def pretrain_gpt(task: Task) -> dict:
-    torch.manual_seed(1234)
-    ids = data_pydoc_pre()["train"]
-    model = tiny_gpt(1234)
-    steps = 1500
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(1234)
-    model.train()
-    for step in range(steps):
-        b = ids[torch.randint(len(ids), (16,), generator=g)]
-        loss = model(input_ids=b, labels=b).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step < steps - 1:
+        if step < pre.steps - 1:
             sched.step()
     return model.state_dict()
 
 
-def pretrain_cnn(task: Task) -> dict:
-    torch.manual_seed(4321)
-    X, y = data_digits_pre()["train"]
-    model = SmallCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(4321)
-    model.train()
-    for step in range(600):
-        i = torch.randint(len(X), (32,), generator=g)
-        loss = nn.functional.cross_entropy(model(X[i]), y[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.state_dict()
+def _lm_pre():
+    return D._lm(D.pydoc_pre())
 
 
-# ----------------------------------------------------------------------------------------------
-# The task list
-# ----------------------------------------------------------------------------------------------
+PRE_GPT = Pretraining("gpt_pydoc", M.tiny_gpt2, _lm_pre, steps=1500, lr=3e-3, batch_size=16, loss="model",
+                      criterion=None)
+PRE_NANOGPT = Pretraining("nanogpt_pydoc", M.NanoGPT, lambda: D._next_token(D.pydoc_pre(M.SEQ + 1)), steps=1500,
+                          lr=3e-3, batch_size=16, loss="targets", criterion=None)
+PRE_CHARLSTM = Pretraining("charlstm_pydoc", M.CharLSTM, lambda: D._next_token(D.pydoc_char_pre()), steps=1500,
+                           lr=1e-2, batch_size=32, criterion=M.FlatTargets)
+PRE_BERT = Pretraining("bert_mlm_pydoc", M.tiny_bert_mlm, D.pydoc_mlm_pre, steps=1500, lr=2e-3, batch_size=16,
+                       loss="model", criterion=None)
+PRE_CNN = Pretraining("cnn_digits04", lambda: M.SmallCNN(n_out=5), lambda: D.digits_pre()["train"], steps=600,
+                      lr=2e-3)
+PRE_VIT = Pretraining("vit_digits04", lambda: M.TinyViT(n_out=5), lambda: D.digits_pre()["train"], steps=800,
+                      lr=2e-3)
+PRE_RESCNN = Pretraining("rescnn_shapesA", M.ResCNN, lambda: D.shapes_pre()["train"], steps=500, lr=3e-3)
+PRE_CLUSTERS = Pretraining("mlp_clusters8", lambda: M.HeadMLP(24, 64, 8), lambda: D.clusters_pre()["train"],
+                           steps=800, lr=3e-3)
+PRE_WAVE = Pretraining("mlp_wave", lambda: M.HeadMLP(6, 64, 1), lambda: D.wave_pre()["train"], steps=2000, lr=3e-3,
+                       batch_size=64, criterion=nn.MSELoss)
+
+
+# ---- the task list ----------------------------------------------------------------------------
 
 CE, MSE = nn.CrossEntropyLoss, nn.MSELoss
 
+
+def T(name, family, description, *, bs, budget, lo, data, model, opt, loss="criterion", crit=None, version=1,
+      **kw) -> Task:
+    family_opt = "sgd" if opt in (sgd, sgd_m, sgd_nesterov) else "adam"
+    return Task(name, version, family, description, batch_size=bs, budget=budget, grid_lo_k=lo, data_fn=data,
+                model_fn=model, opt_fn=opt, opt_family=family_opt, loss=loss, criterion_fn=crit, **kw)
+
+
 TASKS: list[Task] = [
-    Task("logreg_bc", 1, "tune", "ordinary", "sgd", "logistic regression, breast_cancer, SGD, CE",
-         batch_size=32, budget=150, grid_lo_k=-40, data_fn=data_breast_cancer,
-         model_fn=lambda s: nn.Linear(30, 2), opt_fn=sgd, criterion_fn=CE),
-    Task("linreg_diabetes", 2, "held-out", "ordinary", "sgd", "linear regression, diabetes, SGD, MSE",
-         batch_size=16, budget=60, grid_lo_k=-40, data_fn=data_diabetes,
-         model_fn=lambda s: nn.Linear(10, 1), opt_fn=sgd, criterion_fn=MSE),
-    Task("mlp_sum", 1, "tune", "ordinary", "sgd", "MLP regression y~sum(x), SGD momentum 0.9, MSE",
-         batch_size=32, budget=200, grid_lo_k=-45, data_fn=data_sum_regression,
-         model_fn=lambda s: mlp(20, 64, 1), opt_fn=sgd_m, criterion_fn=MSE),
-    Task("bn_dropout_mlp", 1, "held-out", "ordinary", "adam", "BatchNorm+Dropout MLP, clusters, Adam, CE, bs16",
-         batch_size=16, budget=200, grid_lo_k=-55, data_fn=data_clusters,
-         model_fn=lambda s: bn_mlp(24, 64, 8), opt_fn=adam, criterion_fn=CE),
-    Task("cnn_digits_nesterov", 1, "tune", "ordinary", "sgd", "CNN, digits, SGD Nesterov 0.9, CE",
-         batch_size=32, budget=150, grid_lo_k=-45, data_fn=data_digits,
-         model_fn=lambda s: SmallCNN(), opt_fn=sgd_nesterov, criterion_fn=CE),
-    Task("cnn_digits_adamw", 1, "held-out", "ordinary", "adam", "CNN, digits, AdamW wd 0.01, CE",
-         batch_size=32, budget=150, grid_lo_k=-55, data_fn=data_digits,
-         model_fn=lambda s: SmallCNN(), opt_fn=adamw, criterion_fn=CE),
-    Task("gru_cls", 1, "tune", "ordinary", "adam", "GRU sequence classification, Adam, CE",
-         batch_size=32, budget=200, grid_lo_k=-50, data_fn=data_gru_cls,
-         model_fn=lambda s: SeqNet("gru", 4, 24, 4), opt_fn=adam, criterion_fn=CE),
-    Task("lstm_reg", 1, "held-out", "ordinary", "sgd", "LSTM sequence regression, SGD momentum 0.9, MSE",
-         batch_size=32, budget=200, grid_lo_k=-45, data_fn=data_lstm_reg,
-         model_fn=lambda s: SeqNet("lstm", 3, 24, 1), opt_fn=sgd_m, criterion_fn=MSE),
-    Task("gpt_pydoc", 1, "tune", "ordinary", "adam", "tiny GPT-2 causal LM, pydoc bytes, AdamW",
-         batch_size=8, budget=150, grid_lo_k=-55, data_fn=data_pydoc_lm,
-         model_fn=tiny_gpt, opt_fn=adamw, criterion_fn=lambda: None, is_lm=True),
-    Task("mlp_bs2", 1, "held-out", "ordinary", "sgd", "MLP classifier, noisy moons, batch 2, SGD momentum 0.9",
-         batch_size=2, budget=300, grid_lo_k=-55, data_fn=data_moons,
-         model_fn=lambda s: mlp(8, 32, 2), opt_fn=sgd_m, criterion_fn=CE),
-    Task("ft_gpt_source", 2, "tune", "finetune", "adam",
-         "FT: tiny GPT-2 pretrained on pydoc, fine-tuned on 6 KB of html/entities.py, AdamW",
-         batch_size=8, budget=100, grid_lo_k=-55, data_fn=data_source_ft,
-         model_fn=tiny_gpt, opt_fn=adamw, criterion_fn=lambda: None, is_lm=True, pretrain_fn=pretrain_gpt),
-    Task("ft_cnn_digits", 2, "held-out", "finetune", "adam",
-         "FT: CNN pretrained on digits 0-4, fine-tuned on 120 digits 5-9 (new seeded head), Adam",
-         batch_size=16, budget=100, grid_lo_k=-60, data_fn=data_digits_ft,
-         model_fn=lambda s: SmallCNN(), opt_fn=adam, criterion_fn=CE, pretrain_fn=pretrain_cnn,
-         reset_head=True),
+    # -- from scratch ------------------------------------------------------------------------
+    T("logreg_bc", "linear", "logistic regression, breast_cancer, SGD, CE", bs=32, budget=150, lo=-40,
+      data=D.breast_cancer, model=lambda: nn.Linear(30, 2), opt=sgd, crit=CE),
+    T("linreg_diabetes", "linear", "linear regression, diabetes, SGD, MSE", bs=16, budget=60, lo=-40,
+      data=D.diabetes, model=lambda: nn.Linear(10, 1), opt=sgd, crit=MSE),
+    T("softmax_digits", "linear", "softmax regression, digits (64 pixels), Adam, CE, bs64", bs=64, budget=100,
+      lo=-50, data=D.digits_flat, model=lambda: nn.Linear(64, 10), opt=adam, crit=CE),
+    T("mlp_sum", "mlp", "MLP regression y~sum(x), SGD momentum 0.9, MSE", bs=32, budget=200, lo=-45,
+      data=D.sum_regression, model=lambda: M.mlp(20, 64, 1), opt=sgd_m, crit=MSE),
+    T("bn_dropout_mlp", "mlp", "BatchNorm+Dropout MLP, 8 clusters, Adam, CE, bs16", bs=16, budget=200, lo=-55,
+      data=D.clusters, model=lambda: M.bn_mlp(24, 64, 8), opt=adam, crit=CE),
+    T("mlp_moons_bs8", "mlp", "MLP classifier, noisy moons + nuisance dims, SGD momentum 0.9, bs8", bs=8,
+      budget=200, lo=-50, data=D.moons, model=lambda: M.mlp(8, 32, 2), opt=sgd_m, crit=CE),
+    T("mlp_wide_bs256", "mlp", "wide MLP (2x256), 8 clusters, AdamW, CE, bs256", bs=256, budget=60, lo=-55,
+      data=D.clusters, model=lambda: M.mlp(24, 256, 8), opt=adamw, crit=CE),
+    T("mlp_friedman", "mlp", "3-layer MLP regression, Friedman #1, Adam, MSE, bs64", bs=64, budget=150, lo=-55,
+      data=D.friedman, model=lambda: M.mlp(10, 64, 1, depth=3), opt=adam, crit=MSE),
+    T("cnn_digits_nesterov", "cnn", "CNN, digits, SGD Nesterov 0.9, CE", bs=32, budget=150, lo=-45,
+      data=D.digits, model=lambda: M.SmallCNN(), opt=sgd_nesterov, crit=CE),
+    T("cnn_digits_adamw", "cnn", "CNN, digits, AdamW wd 0.01, CE", bs=32, budget=150, lo=-55,
+      data=D.digits, model=lambda: M.SmallCNN(), opt=adamw, crit=CE),
+    T("cnn_bn_sgd", "cnn", "CNN with BatchNorm, digits, plain SGD, CE, bs64", bs=64, budget=100, lo=-40,
+      data=D.digits, model=lambda: M.SmallCNN(batch_norm=True), opt=sgd, crit=CE),
+    T("rescnn_shapes", "cnn", "residual CNN with BatchNorm, 16x16 shapes, Adam, CE, bs128", bs=128, budget=60,
+      lo=-55, data=D.shapes, model=M.ResCNN, opt=adam, crit=CE),
+    T("gru_cls", "rnn", "GRU sequence classification, Adam, CE", bs=32, budget=200, lo=-50,
+      data=D.gru_cls, model=lambda: M.SeqNet("gru", 4, 24, 4), opt=adam, crit=CE),
+    T("lstm_reg", "rnn", "LSTM sequence regression, SGD momentum 0.9, MSE", bs=32, budget=200, lo=-45,
+      data=D.lstm_reg, model=lambda: M.SeqNet("lstm", 3, 24, 1), opt=sgd_m, crit=MSE),
+    T("charlstm_pydoc", "rnn", "byte-level LSTM language model, pydoc text, Adam, bs32", bs=32, budget=120,
+      lo=-50, data=D.pydoc_char, model=M.CharLSTM, opt=adam, crit=M.FlatTargets),
+    T("gpt_pydoc", "transformer", "Hugging Face GPT-2 (2x32) causal LM, pydoc bytes, AdamW, dict batches",
+      bs=8, budget=150, lo=-55, data=D.pydoc_lm, model=M.tiny_gpt2, opt=adamw, loss="model"),
+    T("nanogpt_pydoc", "transformer", "nanoGPT-style decoder, model(idx, targets) -> (logits, loss), AdamW "
+      "(nanoGPT's groups), bs16", bs=16, budget=120, lo=-55, data=D.pydoc_next, model=M.NanoGPT,
+      opt=nanogpt_adamw, loss="targets"),
+    T("bert_mlm_pydoc", "transformer", "Hugging Face BERT (2x32) masked LM, pydoc bytes, AdamW, dict batches",
+      bs=16, budget=120, lo=-55, data=D.pydoc_mlm, model=M.tiny_bert_mlm, opt=adamw, loss="model"),
+    T("vit_digits", "transformer", "vision transformer on 2x2 patches, digits, Adam, CE", bs=32, budget=150,
+      lo=-55, data=D.digits, model=lambda: M.TinyViT(), opt=adam, crit=CE),
+    T("bert_cls_tokens", "transformer", "Hugging Face BERT sequence classifier, bag-of-tokens task, AdamW, "
+      "dict batches with labels", bs=32, budget=100, lo=-55, data=D.bag_of_tokens, model=M.tiny_bert_cls,
+      opt=adamw, loss="model"),
+    # -- fine-tuning ---------------------------------------------------------------------------
+    T("ft_gpt_source", "ft_lm", "GPT-2 pretrained on pydoc, tuned on 6 KB of html/entities.py, AdamW", bs=8,
+      budget=100, lo=-55, data=D.source_ft, model=M.tiny_gpt2, opt=adamw, loss="model", pretrain=PRE_GPT),
+    T("ft_gpt_pydoc_tail", "ft_lm", "GPT-2 pretrained on pydoc, tuned on unseen pydoc text (same domain), AdamW",
+      bs=8, budget=100, lo=-60, data=D.pydoc_tail_ft, model=M.tiny_gpt2, opt=adamw, loss="model",
+      pretrain=PRE_GPT),
+    T("ft_nanogpt_code", "ft_lm", "nanoGPT pretrained on pydoc, tuned on argparse.py source, AdamW", bs=16,
+      budget=80, lo=-55, data=D.code_ft_next, model=M.NanoGPT, opt=nanogpt_adamw, loss="targets",
+      pretrain=PRE_NANOGPT),
+    T("ft_charlstm_license", "ft_lm", "byte LSTM pretrained on pydoc, tuned on the Python licence text, Adam",
+      bs=16, budget=80, lo=-55, data=D.license_ft_next, model=M.CharLSTM, opt=adam, crit=M.FlatTargets,
+      pretrain=PRE_CHARLSTM),
+    T("ft_nanogpt_pydoc_tail", "ft_lm", "nanoGPT pretrained on pydoc, tuned on unseen pydoc text (same domain), "
+      "AdamW", bs=16, budget=80, lo=-60, data=D.pydoc_tail_next, model=M.NanoGPT, opt=nanogpt_adamw,
+      loss="targets", pretrain=PRE_NANOGPT),
+    T("ft_charlstm_pydoc_tail", "ft_lm", "byte LSTM pretrained on pydoc, tuned on unseen pydoc text (same domain), "
+      "Adam", bs=16, budget=80, lo=-60, data=D.pydoc_tail_char, model=M.CharLSTM, opt=adam, crit=M.FlatTargets,
+      pretrain=PRE_CHARLSTM),
+    T("ft_cnn_digits", "ft_vision", "CNN pretrained on digits 0-4, new head, 120 digits 5-9, Adam", bs=16,
+      budget=100, lo=-60, data=D.digits_ft, model=lambda: M.SmallCNN(n_out=5), opt=adam, crit=CE,
+      pretrain=PRE_CNN, new_head=True),
+    T("ft_cnn_frozen", "ft_vision", "CNN pretrained on digits 0-4, frozen backbone, new head, SGD momentum",
+      bs=16, budget=100, lo=-50, data=D.digits_ft, model=lambda: M.SmallCNN(n_out=5), opt=sgd_m, crit=CE,
+      pretrain=PRE_CNN, new_head=True, frozen_body=True),
+    T("ft_rescnn_shapes", "ft_vision", "residual CNN pretrained on 4 shapes, new head for 4 others, SGD momentum",
+      bs=32, budget=60, lo=-50, data=D.shapes_ft, model=M.ResCNN, opt=sgd_m, crit=CE, pretrain=PRE_RESCNN,
+      new_head=True),
+    T("ft_vit_digits", "ft_vision", "ViT pretrained on digits 0-4, new head, 120 digits 5-9, AdamW", bs=16,
+      budget=100, lo=-60, data=D.digits_ft, model=lambda: M.TinyViT(n_out=5), opt=adamw, crit=CE,
+      pretrain=PRE_VIT, new_head=True),
+    T("ft_cnn_noisy_digits", "ft_vision", "CNN pretrained on digits 0-4, tuned with its own head on 200 noisy "
+      "copies of them, Adam", bs=16, budget=80, lo=-60, data=D.digits04_noisy, model=lambda: M.SmallCNN(n_out=5),
+      opt=adam, crit=CE, pretrain=PRE_CNN),
+    T("ft_mlp_newhead", "ft_other", "MLP pretrained on 8 clusters, new 4-way head on pairs of them, Adam",
+      bs=16, budget=80, lo=-60, data=D.clusters_super, model=lambda: M.HeadMLP(24, 64, 4), opt=adam, crit=CE,
+      pretrain=PRE_CLUSTERS, new_head=True),
+    T("ft_mlp_wave_shift", "ft_other", "MLP regression pretrained on a function, tuned to it phase-shifted, "
+      "SGD momentum", bs=32, budget=80, lo=-55, data=D.wave_shifted, model=lambda: M.HeadMLP(6, 64, 1),
+      opt=sgd_m, crit=MSE, pretrain=PRE_WAVE),
+    T("ft_bert_prose_code", "ft_other", "BERT pretrained (masked LM) on pydoc, new classifier: prose or code, "
+      "AdamW, dict batches", bs=16, budget=60, lo=-60, data=D.prose_or_code, model=M.tiny_bert_cls,
+      opt=adamw, loss="model", pretrain=PRE_BERT, new_head=True),
 ]
 
 BY_NAME = {t.name: t for t in TASKS}
+FAMILIES = tuple(dict.fromkeys(t.family for t in TASKS))
 
 
 def get_tasks(names=None) -> list[Task]:

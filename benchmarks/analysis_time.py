@@ -17,10 +17,10 @@ import time
 import numpy as np
 import torch
 
-from distlr.analysis import build_result
-from distlr.suggest import still_open
-from distlr.build import build_model
-from distlr.corpus import byte_tokens, demo_text
+from distlr.core.analysis import build_result
+from distlr.core.rules import still_open
+from distlr.cli.build import build_model
+from distlr.cli.corpus import byte_tokens, demo_text
 
 REPEATS = 15
 

@@ -49,7 +49,7 @@ def lm_batches(n: int, batch_size: int, seq_len: int, vocab: int = 256, seed: in
 
 def tiny_gpt() -> nn.Module:
     """The demo's model: GPT-2 style, 2 layers, 64 wide, byte vocabulary."""
-    from distlr.build import build_model
+    from distlr.cli.build import build_model
 
     return build_model("demo", seq_len=64)
 

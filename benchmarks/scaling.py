@@ -32,7 +32,7 @@ from common import machine, mlp, paired, regression_batches, table  # noqa: E402
 from step_overhead import bare_loop  # noqa: E402
 
 from distlr import LRFinder  # noqa: E402
-from distlr import distributed as D  # noqa: E402
+from distlr.dist import collectives as D  # noqa: E402
 
 
 def sweep_seconds(steps: int, repeats: int, ddp: bool) -> tuple[float, float, float]:

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, mlp, n_params, reset_peak_rss, rss_bytes, table  # noqa: E402
 
-from distlr.snapshot import DiskStore, HostStore, TrainingSnapshot  # noqa: E402
+from distlr.train.snapshot import DiskStore, HostStore, TrainingSnapshot  # noqa: E402
 
 
 def make_state(millions: float) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:

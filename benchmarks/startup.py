@@ -33,10 +33,10 @@ def phases() -> dict[str, float]:
     import logging
 
     import distlr  # noqa: F401
-    from distlr.build import build_dataloader, build_model, build_optimizer
-    from distlr.config import RunConfig
+    from distlr.cli.build import build_dataloader, build_model, build_optimizer
+    from distlr.cli.config import RunConfig
     from distlr.finder import LRFinder
-    from distlr.report import RESULT_FILE, write_atomic
+    from distlr.output.files import RESULT_FILE, write_atomic
 
     mark("import distlr")
     cfg = RunConfig(progress=False)

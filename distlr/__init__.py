@@ -2,8 +2,8 @@
 
 >>> from distlr import LRFinder, LRFinderResult, find_optimal_lr
 
-The names below are imported on first use, so that the pure modules (``distlr.suggest``,
-``distlr.analysis``, ...) can be imported without torch.
+The names below are imported on first use, so that the pure modules (``distlr.core.rules``,
+``distlr.core.analysis``, ...) can be imported without torch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ __all__ = ["LRFinder", "LRFinderResult", "NoSuggestionError", "find_optimal_lr"]
 __version__ = "0.1.0"
 
 _HOMES = {"LRFinder": "distlr.finder", "NoSuggestionError": "distlr.finder", "find_optimal_lr": "distlr.finder",
-          "LRFinderResult": "distlr.result"}
+          "LRFinderResult": "distlr.core.result"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,8 @@
 """``LRFinder``: the public facade. It checks arguments, then hands each job to its module.
 
-session (join or make the process group) -> backend (DDP wrap or DeepSpeed engine, one step)
--> snapshot -> sweep -> analysis (suggest) -> restore -> plot. Every exit path of ``find()``
-restores the state taken before the sweep; SIGTERM is one of them.
+session (join or make the process group) -> backend (how one step runs) -> snapshot -> range test
+(``distlr.loop``) -> restore -> result (``distlr.core.analysis.build_result``) -> plot. Every exit
+path of ``find()`` restores the state taken before the range test; SIGTERM is one of them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,24 +20,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from distlr import backends, trackers
-from distlr import distributed as D
-from distlr.analysis import build_result
-from distlr.args import DEFAULTS, SweepArgs, is_int
-from distlr.batch import Criterion, LossFn
-from distlr.choices import SNAPSHOT_MODES, AmpMode, SnapshotMode, StepMode, SuggestionMethod, check_choice
-from distlr.data import BatchStream, check_loader, check_reshufflable, read_fixed_batches, reshuffled, shard_loader
-from distlr.fit import Spread, SweepResult, SweepRun, split_global_batch
-from distlr.ladder import Ladder
-from distlr.plot import plot_result
-from distlr.report import ProgressReporter, free_name
-from distlr.result import LRFinderResult
-from distlr.session import DEFAULT_TIMEOUT_S, start_session
-from distlr.signals import shielded, sigterm_as_interrupt
-from distlr.snapshot import Snapshot, check_snapshot_dir
-from distlr.suggest import still_open
-from distlr.sweep import Validation, run_sweep
-from distlr.tracker import LossTracker
+from distlr import backends
+from distlr.core.analysis import build_result
+from distlr.core.history import RunFacts
+from distlr.core.ladder import Ladder
+from distlr.core.options import (DEFAULT_TIMEOUT_S, DEFAULTS, SNAPSHOT_MODES, AmpMode, RangeTestArgs, SnapshotMode,
+                                 StepMode, SuggestionMethod, check_choice)
+from distlr.core.result import LRFinderResult
+from distlr.core.rules import still_open
+from distlr.core.scaling import SeriesResult, SeriesRun, check_series_args, split_global_batch
+from distlr.core.smoothing import LossTracker
+from distlr.dist import collectives as D
+from distlr.dist.session import start_session
+from distlr.dist.signals import shielded, sigterm_as_interrupt
+from distlr.loop import Validation, run_range_test
+from distlr.output import trackers
+from distlr.output.files import free_name
+from distlr.output.plot import plot_result
+from distlr.output.progress import LOG_EVERY, ProgressReporter, check_display_args, wants_bar
+from distlr.output.summary import summary
+from distlr.train.batch import Criterion, LossFn
+from distlr.train.data import (BatchStream, check_loader, check_reshufflable, read_fixed_batches, reshuffled,
+                               shard_loader)
+from distlr.train.snapshot import Snapshot, check_snapshot_dir
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +67,7 @@ class LRFinder:
             None builds AdamW over the trainable parameters.
         criterion: ``criterion(output, targets)``; None when the model computes the loss.
         device: ``"auto"`` (this rank's GPU if any, else CPU), ``"cpu"``, ``"cuda[:N]"``.
-        lr_scheduler: your LR scheduler, saved before the sweep and restored after it.
+        lr_scheduler: your LR scheduler, saved before the range test and restored after it.
         grad_scaler: your AMP ``GradScaler`` (used with ``amp="fp16"``), saved and restored.
         snapshot: ``"memory"`` (host memory, the default) or ``"disk"`` (a
             torch.distributed.checkpoint directory per rank, removed once restored).
@@ -73,11 +79,14 @@ class LRFinder:
         data_seed: shuffle seed of the ``DistributedSampler`` distlr puts in a loader that has
             none (the same on every rank).
         deepspeed_config: a DeepSpeed config (a JSON file or a dict): the first ``find()``
-            builds the engine from it, resolving its "auto" values from that sweep's arguments.
+            builds the engine from it, resolving its "auto" values from that range test's arguments.
         loss_fn: ``loss_fn(model, batch) -> scalar loss``, the whole loss of one micro-batch,
             forward included, in place of the model's own loss or ``criterion`` (a Hugging Face
             Trainer's ``compute_loss``, for instance). ``model`` is what trains: the DDP
             wrapper or the DeepSpeed engine under a launcher.
+        accelerator: the ``accelerate.Accelerator`` that prepared ``model``, ``optimizer`` and
+            ``train_dataloader`` (``from_accelerator`` passes it): every step goes through it,
+            and its prepared loader, which reads its own shard, is used as it is.
 
     Under torchrun every rank constructs the finder and calls ``find()``: the model is wrapped
     in DDP (unless it already is DDP/FSDP), the loader gets a ``DistributedSampler`` (unless it
@@ -113,9 +122,11 @@ class LRFinder:
         data_seed: int = 0,
         deepspeed_config: str | Path | dict[str, Any] | None = None,
         loss_fn: LossFn | None = None,
+        accelerator: Any | None = None,
     ) -> None:
+        kind = backends.kind_of(model, deepspeed_config, accelerator)
         self._session = start_session(device, dist_backend=dist_backend, dist_timeout=dist_timeout,
-                                      for_deepspeed=backends.needs_process_group(model, deepspeed_config))
+                                      make_group=kind.needs_group, keep_group=kind.needs_group)
         self.ctx = self._session.ctx
         self.device = self.ctx.device
         try:
@@ -123,26 +134,30 @@ class LRFinder:
             snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else Path(tempfile.gettempdir())
             with D.agree_on_failure(self.ctx):
                 _check_constructor_args(model, train_dataloader, optimizer, criterion, snapshot, loss_fn)
-                backends.check_args(model, optimizer, deepspeed_config)
+                backends.check_args(kind, model, optimizer)
                 ds_config = backends.read_deepspeed_config(deepspeed_config)
                 if snapshot == "disk":
                     check_snapshot_dir(snapshot_dir)
-                self.train_dataloader = shard_loader(train_dataloader, self.ctx, seed=data_seed)
+                # A loader an accelerator prepared reads its own shard already.
+                self.train_dataloader = (train_dataloader if accelerator is not None
+                                         else shard_loader(train_dataloader, self.ctx, seed=data_seed))
             self.data_seed = data_seed
-            if not type(model).__module__.startswith("deepspeed"):
-                model = model.to(self.device)  # an engine already placed its module
+            if not kind.placed:
+                model = model.to(self.device)
         except BaseException:
             self._session.close()
             raise
         self._spec = backends.BackendSpec(
             model=model, optimizer=optimizer, criterion=criterion, loss_fn=loss_fn, ctx=self.ctx, lr_scheduler=lr_scheduler,
             grad_scaler=grad_scaler, find_unused_parameters=find_unused_parameters, deepspeed_config=ds_config,
-            micro_batch_hint=getattr(train_dataloader, "batch_size", None))
+            micro_batch_hint=getattr(train_dataloader, "batch_size", None), kind=kind, accelerator=accelerator)
         self._backend: backends.Backend | None = None
         self.snapshot_mode: SnapshotMode = snapshot
         self.snapshot_dir = snapshot_dir
         self.result: LRFinderResult | None = None
         self._snapshot: Snapshot | None = None
+        self._progress: bool | None = None  # find(progress=None) means this
+        self._summary = False  # print the summary when find() ends (rank 0)
 
     @classmethod
     def from_accelerator(cls, accelerator: Any, model: nn.Module, optimizer: Any, train_dataloader: Iterable[Any],
@@ -159,15 +174,16 @@ class LRFinder:
             ...     result = finder.find(num_steps=100)
         """
         kwargs.setdefault("device", accelerator.device)
-        optimizer, extra = backends.from_accelerator(accelerator, optimizer)
-        finder = cls(model, train_dataloader, optimizer, criterion, **kwargs)
+        optimizer = backends.accelerator_optimizer(accelerator, optimizer)
+        finder = cls(model, train_dataloader, optimizer, criterion, accelerator=accelerator, **kwargs)
         try:
             with D.agree_on_failure(finder.ctx):
                 backends.check_accelerator(accelerator, finder.ctx)
         except BaseException:
             finder.close()
             raise
-        finder._spec.extra.update(extra)  # the backend is built on the first find
+        # As in the user's own Accelerate loop: a tqdm bar, and the summary on the main process.
+        finder._progress, finder._summary = True, True
         return finder
 
     def close(self) -> None:
@@ -205,8 +221,8 @@ class LRFinder:
         val_loader: Iterable[Any] | None = None,
         val_every: int = DEFAULTS.val_every,
         val_batches: int = DEFAULTS.val_batches,
-        progress: bool = False,
-        log_every: int = 10,
+        progress: bool | None = None,
+        log_every: int = LOG_EVERY,
     ) -> LRFinderResult:
         """Ramp the LR from ``min_lr`` to ``max_lr``, record the loss, suggest an LR, restore.
 
@@ -233,7 +249,8 @@ class LRFinder:
                 Training is the same with or without it.
             val_every: steps between validation losses (>= 1).
             val_batches: batches of ``val_loader`` the validation loss is the mean over (>= 1).
-            progress: draw a progress bar on rank 0 when stderr is a terminal.
+            progress: a tqdm bar on rank 0 (True), log lines (False), or, with None, a bar when
+                stderr is a terminal outside SLURM (``find_lr`` and ``from_accelerator``: a bar).
             log_every: log one line every this many steps (rank 0, logger ``distlr``).
 
         Returns:
@@ -248,12 +265,12 @@ class LRFinder:
         """
         # Every rank checks its arguments, and the ranks compare them, before any step.
         with D.agree_on_failure(self.ctx):
-            args = SweepArgs(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, smooth_factor=smooth_factor,
+            args = RangeTestArgs(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, smooth_factor=smooth_factor,
                              divergence_threshold=divergence_threshold, suggestion_method=suggestion_method,
                              step_mode=step_mode, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
                              amp=amp, total_steps=total_steps, extend_range=extend_range, val_every=val_every,
                              val_batches=val_batches)
-            _check_display_args(progress=progress, log_every=log_every)
+            check_display_args(progress=progress, log_every=log_every)
             if val_loader is not None:
                 check_loader(val_loader, name="val_loader")
                 val_loader = shard_loader(val_loader, self.ctx, seed=self.data_seed)
@@ -265,16 +282,20 @@ class LRFinder:
         backend = self._backend
         ladder = Ladder(args.min_lr, args.max_lr, args.num_steps, args.step_mode)
         tracker = LossTracker(smooth_factor=args.smooth_factor, divergence_threshold=args.divergence_threshold)
-        reporter = ProgressReporter(args.num_steps, bar=progress, log_every=log_every) if self.ctx.is_main else None
+        if progress is None:
+            progress = self._progress
+        reporter = (ProgressReporter(args.num_steps, bar=wants_bar(progress), log_every=log_every)
+                    if self.ctx.is_main else None)
 
         start = time.perf_counter()
         with sigterm_as_interrupt():
             snapshot = self._take_snapshot(backend)
-            stream = BatchStream(self.train_dataloader, warn=None if reporter is None else reporter.warn)
+            stream = BatchStream(self.train_dataloader, warn=None if reporter is None else reporter.warn,
+                                 keep=backends.loader_keeper(self._spec))
             try:
                 validation = None if val_loader is None else Validation(
                     read_fixed_batches(val_loader, args.val_batches, self.ctx), args.val_every)
-                history = run_sweep(backend, stream, ladder, tracker, self.ctx, reporter=reporter,
+                history = run_range_test(backend, stream, ladder, tracker, self.ctx, reporter=reporter,
                                     extend=still_open if args.extend_range else None, validation=validation)
             finally:
                 stream.close()
@@ -292,56 +313,34 @@ class LRFinder:
 
         result = None
         if self.ctx.is_main:
-            notes = list(backend.notes)
-            global_batch = None
-            if history.samples:
-                global_batch = sorted(history.samples)[len(history.samples) // 2]
-                if min(history.samples) != max(history.samples):
-                    notes.append(f"the global batch varied between {min(history.samples)} and {max(history.samples)} "
-                                 f"samples a step (global_batch_size is the median, {global_batch})")
-            if cycled:
-                notes.append(f"train_dataloader ran out before {len(history.lrs)} steps and was cycled (new epochs)")
-                if val_loader is None:
-                    # On the suggestion benchmark's small fine-tuning sets this moved the default's
-                    # picks up (median regret 0.22); reading a validation loss too brought it to 0.04.
-                    notes.append("the range test read some samples more than once, so its loss also measures "
-                                 "memorising them, which raises the suggestion on small sets (fine-tuning most of "
-                                 "all); pass val_loader= to read a validation loss as well")
-            result = build_result(
-                lrs=history.lrs, losses=history.losses, smoothed=history.smoothed, stop_reason=history.stop_reason,
-                diverged_at=history.diverged_at, skipped_steps=history.skipped_steps, min_lr=args.min_lr,
-                extended_steps=history.extended_steps, val_steps=history.val_steps, val_losses=history.val_losses,
-                max_lr=args.max_lr, num_steps=args.num_steps, smooth_factor=args.smooth_factor,
-                suggestion_method=args.suggestion_method, step_mode=args.step_mode, world_size=self.ctx.world_size,
-                micro_batch_size=backend.micro_batch_size, accumulation_steps=backend.accumulation_steps,
-                global_batch_size=global_batch, elapsed_s=elapsed, total_steps=args.total_steps or backend.total_steps_hint, notes=notes,
-            )
-            backend.add_to_result(result)
-            result.provenance = _provenance(self._session.launcher, self.ctx.world_size)
-            logger.info(
-                "suggested lr %s (%s) | %s after %d/%d steps | %.1f s",
-                "none" if result.optimal_lr is None else f"{result.optimal_lr:.3e}", result.suggestion_method,
-                result.stop_reason,
-                result.steps_run, result.num_steps, result.elapsed_s,
-            )
+            run = RunFacts(world_size=self.ctx.world_size, micro_batch_size=backend.micro_batch_size,
+                           accumulation_steps=backend.accumulation_steps, elapsed_s=elapsed,
+                           total_steps_hint=backend.total_steps_hint, cycled=cycled, validated=val_loader is not None,
+                           notes=tuple(backend.notes), provenance=_provenance(self._session.launcher, self.ctx.world_size))
+            result = build_result(history, args, run, contribute=backend.contribute)
+            logger.info("suggested lr %s (%s) | %s after %d/%d steps | %.1f s",
+                        "none" if result.optimal_lr is None else f"{result.optimal_lr:.3e}", result.suggestion_method,
+                        result.stop_reason, result.steps_run, result.num_steps, result.elapsed_s)
+            if self._summary:
+                print(summary(result), flush=True)
         self.result = D.broadcast_object(self.ctx, result)
         return self.result
 
-    def sweep(
+    def series(
         self,
         global_batch_sizes: Sequence[int] | None = None,
         repeats: int = 1,
         *,
         target_global_batch_size: int | None = None,
         **find_kwargs: Any,
-    ) -> SweepResult:
+    ) -> SeriesResult:
         """One range test per global batch size and repeat, all in this job: every rank takes
         part in every run, and the state is restored after each run (``find()`` does).
 
         Each global batch is split as micro-batch x ranks x accumulation steps, with the largest
         micro-batch up to the loader's ``batch_size``. Repeat ``r`` reads the data shuffled with
         seed ``data_seed + r``, the same order for every size. A run that diverges at once or
-        has no suggestion is recorded, and the sweep goes on.
+        has no suggestion is recorded, and the series goes on.
 
         Args:
             global_batch_sizes: the sizes (default: the one ``find()`` would run, the loader's
@@ -352,39 +351,31 @@ class LRFinder:
                 ``global_batch_sizes`` (each size's split decides it).
 
         Returns:
-            The ``SweepResult`` (runs, spreads, fit), identical on every rank.
+            The ``SeriesResult`` (runs, spreads, fit), identical on every rank.
 
         Raises:
             ValueError: a size the ranks cannot form (naming the nearest that can), a loader
                 that cannot be re-read at other batch sizes, or bad arguments, before any step.
 
         Example:
-            >>> sweep = finder.sweep(global_batch_sizes=[64, 128, 256], repeats=2, num_steps=100)  # doctest: +SKIP
-            >>> sweep.fit.exponent                                                              # doctest: +SKIP
+            >>> series = finder.series(global_batch_sizes=[64, 128, 256], repeats=2, num_steps=100)  # doctest: +SKIP
+            >>> series.fit.exponent                                                               # doctest: +SKIP
         """
         world = self.ctx.world_size
         micro_max = self._spec.micro_batch_hint
         with D.agree_on_failure(self.ctx):
-            if "accumulation_steps" in find_kwargs and global_batch_sizes is not None:
-                raise ValueError("sweep(): accumulation_steps comes from each global batch size's split; leave it out")
+            check_series_args(global_batch_sizes, repeats, target_global_batch_size,
+                              accumulation_given="accumulation_steps" in find_kwargs)
             accumulation = find_kwargs.pop("accumulation_steps", 1)
-            if not is_int(repeats) or repeats < 1:
-                raise ValueError(f"repeats={repeats!r} is not allowed; use an int >= 1")
             if not isinstance(micro_max, int):
-                raise ValueError("sweep(): train_dataloader has no batch_size to split global batches with; pass a "
+                raise ValueError("series(): train_dataloader has no batch_size to split global batches with; pass a "
                                  "torch DataLoader with batch_size set")
             # Without sizes: the one this finder would run (the loader's batch x ranks x accumulation).
             sizes = list(global_batch_sizes) if global_batch_sizes is not None else [micro_max * world * accumulation]
-            if not sizes or any(not is_int(b) or b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
-                raise ValueError(f"global_batch_sizes={sizes!r} is not allowed; use distinct ints >= 1")
-            if target_global_batch_size is not None and (not is_int(target_global_batch_size)
-                                                         or target_global_batch_size < 1):
-                raise ValueError(f"target_global_batch_size={target_global_batch_size!r} is not allowed; "
-                                 "use an int >= 1")
             splits = {b: split_global_batch(b, world, micro_max) for b in sorted(sizes)}
             backends.check_batch_splits(self._spec, {a for _, a in splits.values()})
             check_reshufflable(self.train_dataloader)
-        D.agree_on_arguments(self.ctx, "sweep() arguments",
+        D.agree_on_arguments(self.ctx, "series() arguments",
                              {"global_batch_sizes": sorted(sizes), "repeats": repeats,
                               "target_global_batch_size": target_global_batch_size})
         tiny = [b for b, (micro, _) in splits.items() if micro == 1 and micro_max > 1]
@@ -393,7 +384,7 @@ class LRFinder:
                            "runs read micro-batches of 1 (slow; BatchNorm cannot train on them)",
                            ", ".join(map(str, tiny)), micro_max)
         plan = [(b, r) for b in sorted(sizes) for r in range(repeats)]
-        runs: list[SweepRun] = []
+        runs: list[SeriesRun] = []
         original = self.train_dataloader
         try:
             for k, (size, repeat) in enumerate(plan, start=1):
@@ -404,10 +395,17 @@ class LRFinder:
                                 k, len(plan), size, micro, world, accumulation, repeat + 1, seed)
                 self.train_dataloader = reshuffled(original, self.ctx, batch_size=micro, seed=seed)
                 result = self.find(**find_kwargs, accumulation_steps=accumulation)
-                runs.append(SweepRun(size, repeat, seed, micro, accumulation, result))
+                runs.append(SeriesRun(size, repeat, seed, micro, accumulation, result))
         finally:
             self.train_dataloader = original
-        return SweepResult(runs, world, target_global_batch_size)
+        return SeriesResult(runs, world, target_global_batch_size)
+
+    def sweep(self, *args: Any, **kwargs: Any) -> SeriesResult:
+        """Deprecated spelling of ``series`` (a "sweep" is one range test everywhere else); it
+        goes in the next release."""
+        warnings.warn("LRFinder.sweep() is now LRFinder.series(); the old name goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return self.series(*args, **kwargs)
 
     def _take_snapshot(self, backend: backends.Backend) -> Snapshot:
         """Every rank saves its own state; if any rank cannot, every rank drops what it took."""
@@ -452,7 +450,7 @@ class LRFinder:
     def report(self, report_to: str | Iterable[str], *, log_dir: str | Path = ".") -> list[str]:
         """Log the last result to trackers: ``"tensorboard"``, ``"mlflow"``, ``"wandb"`` (a list
         or a comma-separated string; ``"all"``: every one installed). The curve keyed by LR, the
-        figure and the suggestion as a summary, in a run of its own (``distlr.trackers``).
+        figure and the suggestion as a summary, in a run of its own (``distlr.output.trackers``).
 
         Args:
             report_to: the trackers.
@@ -546,17 +544,10 @@ def _check_optimizer_kind(optimizer: Any) -> None:
                              f"the way a range test sets it ({kind}); run the range test with AdamW or SGD")
 
 
-def _check_display_args(*, progress: Any, log_every: Any) -> None:
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress={progress!r} must be True or False")
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-        raise ValueError(f"log_every={log_every!r} is not allowed; use an int >= 1")
-
-
 def find_optimal_lr(model: nn.Module, train_dataloader: Iterable[Any], **kwargs: Any) -> float:
     """Run a range test in one line and return the suggested learning rate. With ``repeats=N``
-    (> 1): N range tests with N data orders, and their geometric mean as a ``RepeatedLR`` (a
-    float with ``.spread`` and ``.sweep``); a run without a suggestion is left out of the mean.
+    (> 1): N range tests with N data orders, and the geometric mean of their suggestions (a run
+    without one is left out of it); ``LRFinder.series(repeats=N)`` gives each run and the spread.
 
     Takes ``LRFinder``'s and ``find()``'s keyword arguments. A process group the finder had to
     make is ended before this returns, so the caller can make its own afterwards.
@@ -581,29 +572,14 @@ def find_optimal_lr(model: nn.Module, train_dataloader: Iterable[Any], **kwargs:
         if repeats == 1:
             result = finder.find(**find_kwargs)
         else:
-            sweep = finder.sweep(None, repeats, **find_kwargs)
+            series = finder.series(None, repeats, **find_kwargs)
     if repeats == 1:
         if result.optimal_lr is None:
             raise NoSuggestionError(result)
         return result.optimal_lr
-    [spread] = sweep.spreads().values()
+    [spread] = series.spreads().values()
     if spread.geometric_mean is None:
-        raise NoSuggestionError(sweep.runs[-1].result)
-    return RepeatedLR(spread.geometric_mean, spread, sweep)
-
-
-class RepeatedLR(float):
-    """``find_optimal_lr(..., repeats=N)``: the geometric mean of the N suggestions, a float,
-    with ``.spread`` (geometric mean, min, max, how many answered) and ``.sweep`` (every run)."""
-
-    spread: Spread
-    sweep: SweepResult
-
-    def __new__(cls, value: float, spread: Spread, sweep: SweepResult) -> RepeatedLR:
-        lr = super().__new__(cls, value)
-        lr.spread, lr.sweep = spread, sweep
-        return lr
-
-    def __reduce__(self) -> tuple[type, tuple[float]]:
-        # Copied, pickled or saved (say, in an optimizer's param_groups) it is the plain float.
-        return float, (float(self),)
+        raise NoSuggestionError(series.runs[-1].result)
+    logger.info("%d range tests: geometric mean %.3e, from %.3e to %.3e", repeats, spread.geometric_mean, spread.min,
+                spread.max)
+    return spread.geometric_mean

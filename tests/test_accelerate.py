@@ -266,7 +266,7 @@ def test_accelerate_launch_runs_the_cli_with_its_mixed_precision(tmp_path):
     ({"ACCELERATE_USE_FSDP": "true"}, ("deepspeed",), {}),
 ])
 def test_the_settings_accelerate_launch_hands_over_become_defaults(env, given, expected):
-    from distlr.cli import from_accelerate_launch
+    from distlr.cli.parse import from_accelerate_launch
 
     assert from_accelerate_launch(env, given) == expected
 
@@ -276,7 +276,7 @@ def test_the_settings_accelerate_launch_hands_over_become_defaults(env, given, e
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "--use_deepspeed without --deepspeed_config_file"),
 ])
 def test_settings_distlr_cannot_follow_are_named(env, words):
-    from distlr.cli import from_accelerate_launch
+    from distlr.cli.parse import from_accelerate_launch
 
     with pytest.raises(ValueError, match=re.escape(words)):
         from_accelerate_launch(env)

@@ -9,7 +9,7 @@ import torch
 
 from distlr.backends.dsconfig import (TOP_LEVEL_KEYS, auto_values, load_ds_config, resolve_auto, sweep_config,
                              total_steps_from, tuned_config, unknown_keys)
-from distlr.schedule import recommend_schedule
+from distlr.core.schedule import recommend_schedule
 
 VALUES = auto_values(micro_batch_size=8, accumulation_steps=2, world_size=4, max_grad_norm=None, lr=1e-3,
                      weight_decay=0.01, hidden_size=64, amp="bf16")

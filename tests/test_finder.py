@@ -50,7 +50,7 @@ def test_divergence_stops_on_the_step_the_smoothed_loss_crosses_the_threshold(re
 
 
 def test_the_suggestion_lies_below_where_the_loss_turns_up(regression):
-    from distlr.suggest import CONSTANT_DIVISOR
+    from distlr.core.rules import CONSTANT_DIVISOR
 
     model, loader = regression
     result = LRFinder(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), device="cpu").find(
@@ -59,8 +59,8 @@ def test_the_suggestion_lies_below_where_the_loss_turns_up(regression):
     assert result.lrs[result.best_lr_idx] == pytest.approx(result.optimal_lr)
     # The trend turns up past its minimum; the suggestion sits the divisor below that (the
     # ladder point at or just under it), the peak and the WSD plateau between the two.
-    from distlr.analysis import usable_curve
-    from distlr.suggest import read_curve
+    from distlr.core.analysis import usable_curve
+    from distlr.core.rules import read_curve
 
     curve = usable_curve(result.lrs, result.losses, result.smoothed_losses, result.diverged_at)
     # Here the divergence stop came as the loss began to climb: the last point before it is the edge.

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 
 from distlr import LRFinder, LRFinderResult
 from distlr.__main__ import main
-from distlr.data import shard_loader
-from distlr.distributed import DistContext
-from distlr.report import ProgressReporter
+from distlr.train.data import shard_loader
+from distlr.dist.collectives import DistContext
+from distlr.output.progress import ProgressReporter
 from helpers import RegressionNet, regression_data
 
 FAST = ["--num-steps", "12", "--batch-size", "4", "--seq-len", "16", "--no-progress"]
@@ -59,7 +59,7 @@ def test_rerunning_a_runs_saved_config_leaves_the_run_untouched(tmp_path, capsys
 
 
 def test_a_yamls_paths_are_read_from_its_own_directory(tmp_path, monkeypatch):
-    from distlr.cli import parse_cli
+    from distlr.cli.parse import parse_cli
 
     repo = Path(__file__).resolve().parent.parent
     monkeypatch.chdir(tmp_path)  # not the repository root
@@ -75,7 +75,8 @@ def ids(n: int, seed: int) -> np.ndarray:
 
 
 def read_inputs(out: Path) -> dict:
-    return LRFinderResult.load(out / "result.json").inputs
+    """What the command line read: result.json's own key beside the result."""
+    return json.loads((out / "result.json").read_text())["cli"]["inputs"]
 
 
 def test_several_pt_token_files_are_concatenated_not_read_as_text(tmp_path, capsys):
@@ -171,7 +172,9 @@ def test_a_bert_directory_trains_as_a_masked_lm(tmp_path, capsys):
     code, out = run(tmp_path, "--model", str(bert_dir(tmp_path)), "--data", str(corpus(tmp_path)))
     assert code == 0, capsys.readouterr().err
     result = LRFinderResult.load(out / "result.json")
-    assert any("masked LM (BertForMaskedLM)" in note and "15 %" in note for note in result.notes)
+    # What the command line built is told in result.json's own key, beside the result.
+    notes = json.loads((out / "result.json").read_text())["cli"]["notes"]
+    assert any("masked LM (BertForMaskedLM)" in note and "15 %" in note for note in notes)
     assert all(np.isfinite(result.losses[:3]))
 
 
@@ -335,13 +338,18 @@ def test_the_cycling_warning_gets_a_line_of_its_own(caplog):
     stream = Terminal()
     reporter = ProgressReporter(10, bar=True, stream=stream)
     reporter.step(0, 1e-3, 2.0, 2.0)
+    drawn = stream.getvalue()
     with caplog.at_level(logging.WARNING, logger="distlr"):
         reporter.warn("train_dataloader ran out after 4 batches")
-    assert stream.getvalue().endswith("\n") and caplog.messages == ["train_dataloader ran out after 4 batches"]
+    # The bar is wiped from its line before the warning is logged, and drawn again after it.
+    after = stream.getvalue()[len(drawn):]
+    assert after.startswith("\r" + " " * 10) and after.rstrip().endswith("lr 1.00e-03 loss 2.0000]")
+    assert caplog.messages == ["train_dataloader ran out after 4 batches"]
+    reporter.close()
 
 
 def test_a_yaml_true_is_no_number(tmp_path):
-    from distlr.cli import parse_cli
+    from distlr.cli.parse import parse_cli
 
     path = tmp_path / "c.yaml"
     path.write_text("num_steps: true\n")

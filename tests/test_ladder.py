@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from distlr.ladder import lr_ladder
+from distlr.core.ladder import lr_ladder
 
 
 @pytest.mark.parametrize("n", [2, 3, 100, 1000])
@@ -41,7 +41,7 @@ def test_unknown_step_mode_raises():
 
 
 def test_the_ladder_goes_on_past_max_lr_at_the_same_spacing():
-    from distlr.ladder import Ladder
+    from distlr.core.ladder import Ladder
 
     exp = Ladder(1e-8, 1e-1, 100)
     assert exp.lr(99) == 1e-1 and exp.lr(0) == 1e-8
@@ -60,7 +60,7 @@ def test_the_ladder_goes_on_past_max_lr_at_the_same_spacing():
     ((0.01, 0.1, 10, "linear"), 10),
 ])
 def test_an_extended_range_ends_at_1000_times_max_lr_or_num_steps_more(args, cap):
-    from distlr.ladder import EXTENSION_FACTOR, Ladder
+    from distlr.core.ladder import EXTENSION_FACTOR, Ladder
 
     ladder = Ladder(*args)
     assert ladder.extension_cap == cap

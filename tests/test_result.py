@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from distlr.result import LRFinderResult
+from distlr.core.result import LRFinderResult
 
 
 def make_result(**overrides) -> LRFinderResult:
@@ -50,17 +50,17 @@ def test_unknown_field_in_json_is_rejected_by_name():
 
 
 def test_a_result_file_is_read_by_load_and_says_its_schema(tmp_path):
-    result = make_result(provenance={"distlr": "0.1.0", "world_size": 2}, inputs={"tokens": 10})
+    result = make_result(provenance={"distlr": "0.1.0", "world_size": 2})
     path = tmp_path / "result.json"
     path.write_text(result.to_json())
     again = LRFinderResult.load(path)
     assert again == result and again.schema_version == json.loads(path.read_text())["schema_version"] >= 2
-    assert again.provenance["world_size"] == 2 and again.inputs == {"tokens": 10}
+    assert again.provenance["world_size"] == 2
 
 
 def test_an_older_result_without_the_newer_fields_still_loads():
     data = json.loads(make_result().to_json())
-    for key in ("provenance", "inputs", "schema_version", "peak_lr", "confidence", "range_notes"):
+    for key in ("provenance", "schema_version", "peak_lr", "confidence", "range_notes"):
         data.pop(key)
     again = LRFinderResult.from_dict(data)
-    assert again.provenance == {} and again.inputs is None and again.peak_lr is None
+    assert again.provenance == {} and again.peak_lr is None

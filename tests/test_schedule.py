@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from distlr.schedule import recommend_schedule
+from distlr.core.schedule import recommend_schedule
 
 
 def assert_plain_json(value: object, path: str = "schedule") -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distlr.session import launch_info, start_session
+from distlr.dist.session import launch_info, start_session
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
                "MASTER_ADDR", "MASTER_PORT")

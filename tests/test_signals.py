@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distlr import LRFinder
-from distlr.signals import Terminated
-from distlr.snapshot import DiskStore, HostStore
+from distlr.dist.signals import Terminated
+from distlr.train.snapshot import DiskStore, HostStore
 from helpers import Faulty, RegressionNet, assert_same_bits, fingerprint, regression_data, warm_up
 
 

@@ -12,10 +12,13 @@ import math
 import numpy as np
 import pytest
 
-from distlr import suggest
-from distlr.analysis import SEED_SPREAD, build_result, confidence, range_notes, usable_curve
-from distlr.curve import Curve, ema, local_linear, noise_level
-from distlr.suggest import MIN_POINTS, SUGGESTION_RULES, Suggestion, minimum, steepest_gradient, suggest_all, valley
+from distlr.core import rules as suggest
+from distlr.core.analysis import SEED_SPREAD, build_result, confidence, range_notes, usable_curve
+from distlr.core.history import History
+from distlr.core.options import RangeTestArgs
+from distlr.core.curve import Curve, local_linear, noise_level
+from distlr.core.smoothing import ema
+from distlr.core.rules import MIN_POINTS, SUGGESTION_RULES, Suggestion, minimum, steepest_gradient, suggest_all, valley
 
 DECADE = 1.0  # log10 units
 
@@ -293,14 +296,10 @@ def test_confidence_is_deterministic_and_leaves_the_global_rng_alone():
     assert np.array_equal(np.random.get_state()[1], state)
 
 
-def result_for(lrs, losses, **kw):
+def result_for(lrs, losses, **history):
     smoothed = ema(np.asarray(losses, dtype=float), 0.98).tolist()
-    args = dict(lrs=list(lrs), losses=list(losses), smoothed=smoothed, stop_reason="completed", diverged_at=None,
-                min_lr=lrs[0], max_lr=lrs[-1], num_steps=len(lrs), smooth_factor=0.98,
-                suggestion_method="steepest_gradient", step_mode="exp", world_size=1, micro_batch_size=8,
-                accumulation_steps=1, elapsed_s=0.0)
-    args.update(kw)
-    return build_result(**args)
+    return build_result(History(list(lrs), list(losses), smoothed, **history),
+                        RangeTestArgs(min_lr=lrs[0], max_lr=lrs[-1], num_steps=len(lrs)))
 
 
 def test_result_carries_three_numbers_confidence_and_range_notes():

@@ -46,8 +46,8 @@ def _fmt(x, spec=".2f"):
 def heldout_rules(tuning: dict) -> dict[str, dict[str, score.Rule]]:
     """Per protocol: the default with the divisors chosen without the curve's own family, from
     the training loss alone and with the validation loss (val_every=2) too."""
-    from distlr.analysis import usable_curve, validation_curve
-    from distlr.suggest import below_turn_up
+    from distlr.core.analysis import usable_curve, validation_curve
+    from distlr.core.rules import below_turn_up
 
     def train_pick(c, divisor):
         curve = usable_curve(c.lrs, c.losses, c.smoothed, c.diverged_at)

@@ -128,8 +128,8 @@ def as_run(rec: dict, task: str, setting: str, seed: int, *, extend: bool) -> Cu
     """Cut a curve recorded past max_lr (``train.finder_curve``) where the sweep would have
     stopped: at max_lr without the extension; with it, where ``distlr.suggest.still_open``
     says no more, or the cap, or the loss stop the recording also made."""
-    from distlr.ladder import Ladder
-    from distlr.suggest import still_open
+    from distlr.core.ladder import Ladder
+    from distlr.core.rules import still_open
 
     lrs, losses, smoothed = rec["lrs"], _floats(rec["losses"]), _floats(rec["smoothed"])
     n = rec["num_steps"]
@@ -151,7 +151,7 @@ def as_run(rec: dict, task: str, setting: str, seed: int, *, extend: bool) -> Cu
 def distlr_numbers(c: Curve, *, val_every: int | None = None) -> dict[str, Any]:
     """What ``LRFinder.find`` would hand the user for this curve: the real analysis, without a
     validation loss (the defaults), or with the one recorded, every ``val_every`` steps."""
-    from distlr.analysis import build_result
+    from distlr.core.analysis import build_result
 
     steps = [s for s in c.val_steps if val_every is not None and (s + 1) % val_every == 0]
     by_step = dict(zip(c.val_steps, c.val_losses))

@@ -105,7 +105,7 @@ def finder_curve(task: Task, setting: str, seed: int, *, validation: bool = True
     With ``validation``, the loss on the whole validation set (4 batches) is measured after
     every step (``val_every=1``; a coarser ``val_every`` is read off it)."""
     from distlr import LRFinder
-    from distlr.ladder import Ladder
+    from distlr.core.ladder import Ladder
 
     t0 = time.perf_counter()
     model = task.make_model(seed)

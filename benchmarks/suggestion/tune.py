@@ -34,8 +34,8 @@ import score  # noqa: E402
 from tasks import FAMILIES, get_tasks  # noqa: E402
 from train import PROTOCOLS  # noqa: E402
 
-from distlr import suggest  # noqa: E402
-from distlr.analysis import usable_curve, validation_curve  # noqa: E402
+from distlr.core import rules as suggest  # noqa: E402
+from distlr.core.analysis import usable_curve, validation_curve  # noqa: E402
 
 FAIL_REGRET = 30.0
 DIVISORS = tuple(round(10 ** (d / 20), 3) for d in range(0, 41))   # 1 .. 100, 20 a decade

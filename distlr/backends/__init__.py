@@ -1,43 +1,65 @@
-"""Backends: how one optimizer step of the sweep runs on a given kind of model.
+"""Backends: how one optimizer step of a range test runs on a given kind of model.
 
-``make_backend`` picks and builds one; the facade and the sweep use it only through
-``Backend`` (``distlr.backends.base``): ``ddp`` (a plain or DDP model), ``fsdp`` (FSDP2),
-``accelerate`` (what an ``accelerate.Accelerator`` prepared), ``zero`` (DeepSpeed). Adding a
-backend means adding one module here and one branch in
-``make_backend``. DeepSpeed is imported only when a DeepSpeed engine or config is
-given.
+``kind_of`` decides, once and by type, which backend a model needs: ``torch`` (a plain or DDP
+model, ``ddp``), ``fsdp2`` (``fsdp``), ``accelerate`` (what an ``accelerate.Accelerator``
+prepared) or ``deepspeed`` (``zero``). ``make_backend`` builds that one; the facade and the loop
+use it only through ``Backend`` (``distlr.backends.base``). Adding a backend means adding one
+module here, one kind and one branch in ``make_backend``. DeepSpeed is imported only when a
+DeepSpeed engine or config is given.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from distlr.args import SweepArgs
 from distlr.backends.base import Backend, BackendSpec
-from distlr.distributed import DistContext
+from distlr.core.options import RangeTestArgs
+from distlr.dist.collectives import DistContext
 
-__all__ = ["Backend", "BackendSpec", "check_args", "make_backend", "needs_process_group", "read_deepspeed_config"]
+__all__ = ["Backend", "BackendKind", "BackendSpec", "check_args", "kind_of", "make_backend", "read_deepspeed_config"]
 
-
-def _is_deepspeed_engine(model: Any) -> bool:
-    # Looked at by its module's name first, so a model that is no engine never imports DeepSpeed.
-    if not type(model).__module__.startswith("deepspeed"):
-        return False
-    from distlr.backends.zero import is_deepspeed_engine
-
-    return is_deepspeed_engine(model)
+KindName = Literal["torch", "fsdp2", "accelerate", "deepspeed"]
 
 
-def _uses_deepspeed(model: Any, deepspeed_config: Any) -> bool:
-    return deepspeed_config is not None or _is_deepspeed_engine(model)
+@dataclass(frozen=True)
+class BackendKind:
+    """How a model trains, and what that asks of the process around it."""
+
+    name: KindName
+    needs_group: bool
+    """A process group even in one process (DeepSpeed makes its collectives through one)."""
+    placed: bool
+    """The model is already on its device (a DeepSpeed engine placed its module itself)."""
 
 
-def needs_process_group(model: Any, deepspeed_config: Any) -> bool:
-    """Whether the backend needs a process group even in one process (DeepSpeed does)."""
-    return _uses_deepspeed(model, deepspeed_config)
+def kind_of(model: Any, deepspeed_config: Any = None, accelerator: Any = None) -> BackendKind:
+    """The one place that decides which backend runs ``model``, by type.
+
+    A model is a DeepSpeed engine only if DeepSpeed was imported (an engine cannot exist
+    otherwise), so a model that is none never imports DeepSpeed here.
+    """
+    engine = _deepspeed_engine_class()
+    is_engine = engine is not None and isinstance(model, engine)
+    if deepspeed_config is not None or is_engine:
+        return BackendKind("deepspeed", needs_group=True, placed=is_engine)
+    if accelerator is not None:
+        return BackendKind("accelerate", needs_group=False, placed=False)
+    from distlr.backends.fsdp import is_fsdp2
+
+    if is_fsdp2(model):
+        return BackendKind("fsdp2", needs_group=False, placed=False)
+    return BackendKind("torch", needs_group=False, placed=False)
+
+
+def _deepspeed_engine_class() -> type | None:
+    deepspeed = sys.modules.get("deepspeed")
+    return None if deepspeed is None else getattr(deepspeed, "DeepSpeedEngine", None)
 
 
 def read_deepspeed_config(config: str | Path | dict[str, Any] | None) -> dict[str, Any] | None:
@@ -53,51 +75,65 @@ def read_deepspeed_config(config: str | Path | dict[str, Any] | None) -> dict[st
     return load_ds_config(config)
 
 
-def check_args(model: Any, optimizer: torch.optim.Optimizer | None, deepspeed_config: Any) -> None:
-    """Constructor arguments the chosen backend cannot run with (ValueError naming them)."""
-    if _uses_deepspeed(model, deepspeed_config):
-        from distlr.backends.zero import check_args as check
-    else:
-        from distlr.backends.ddp import check_args as check  # type: ignore[assignment]
-    check(model, optimizer)
+def check_args(kind: BackendKind, model: Any, optimizer: torch.optim.Optimizer | None) -> None:
+    """Constructor arguments the chosen backend cannot run with.
+
+    Raises:
+        ValueError: an optimizer beside a DeepSpeed engine (which brings its own); no optimizer
+            and no trainable parameter to build one over.
+    """
+    if kind.placed:
+        if optimizer is not None:
+            raise ValueError("optimizer=... was given with a DeepSpeed engine, which brings its own; pass optimizer=None")
+    elif optimizer is None and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters (every requires_grad is False)")
 
 
-def make_backend(spec: BackendSpec, args: SweepArgs) -> Backend:
-    """The backend for what ``LRFinder`` was given, built for the sweep ``args`` describes.
+def make_backend(spec: BackendSpec, args: RangeTestArgs) -> Backend:
+    """The backend for what ``LRFinder`` was given, built for the range test ``args`` describes.
 
-    Builds the DDP wrapper or the DeepSpeed engine (once: later sweeps reuse the backend through
-    ``Backend.configure``).
+    Builds the DDP wrapper or the DeepSpeed engine (once: later range tests reuse the backend
+    through ``Backend.configure``).
 
     Raises:
         ValueError: a DeepSpeed config the run cannot resolve ("auto" with no value, an optimizer
             type with no torch equivalent on the CPU).
         ImportError: DeepSpeed is needed but not installed.
     """
-    if _uses_deepspeed(spec.model, spec.deepspeed_config):
+    if spec.kind.name == "deepspeed":
         from distlr.backends.zero import DeepSpeedBackend
 
         return DeepSpeedBackend(spec, args)
-    if "accelerator" in spec.extra:
+    if spec.kind.name == "accelerate":
         from distlr.backends import accelerate
 
         return accelerate.make(spec)
-    from distlr.backends import fsdp
+    if spec.kind.name == "fsdp2":
+        from distlr.backends import fsdp
 
-    if fsdp.is_fsdp2(spec.model):
         return fsdp.make(spec)
     from distlr.backends.ddp import TorchBackend
 
     return TorchBackend(spec)
 
 
-def from_accelerator(accelerator: Any, optimizer: Any) -> tuple[Any, dict[str, Any]]:
-    """What ``LRFinder.from_accelerator`` passes on: the optimizer, and the ``BackendSpec.extra``
-    that routes the sweep through the accelerator. Under DeepSpeed the model is the engine,
-    which brings its optimizer and steps it inside its own backward: the DeepSpeed backend runs
-    it, and the prepared optimizer wrapper is not used."""
-    if str(accelerator.distributed_type).endswith("DEEPSPEED"):
-        return None, {}
-    return optimizer, {"accelerator": accelerator}
+def accelerator_optimizer(accelerator: Any, optimizer: Any) -> Any:
+    """The optimizer ``LRFinder.from_accelerator`` passes on: the prepared one, or None under
+    DeepSpeed (the model is then its engine, which brings its optimizer and steps it inside its
+    own backward: the DeepSpeed backend runs it, ``kind_of`` says so by the engine's type)."""
+    return None if str(accelerator.distributed_type).endswith("DEEPSPEED") else optimizer
+
+
+def loader_keeper(spec: BackendSpec) -> Callable[[Any], Callable[[], None]]:
+    """What takes, before a range test, what reading the loader will change, and puts it back:
+    for a loader an accelerator prepared (under DeepSpeed too) its bookkeeping as well."""
+    if spec.accelerator is not None:
+        from distlr.backends.accelerate import keep_prepared_loader
+
+        return keep_prepared_loader
+    from distlr.train.data import keep_generators
+
+    return keep_generators
 
 
 def check_accelerator(accelerator: Any, ctx: DistContext) -> None:
@@ -111,12 +147,12 @@ def check_accelerator(accelerator: Any, ctx: DistContext) -> None:
 
 
 def check_batch_splits(spec: BackendSpec, accumulations: set[int]) -> None:
-    """Raise ValueError when the backend cannot run a sweep whose runs accumulate
+    """Raise ValueError when the backend cannot run a series whose range tests accumulate
     ``accumulations`` micro-batches: a DeepSpeed engine is built for one accumulation (its own,
     when it or its config fixes one)."""
-    if not _uses_deepspeed(spec.model, spec.deepspeed_config):
+    if spec.kind.name != "deepspeed":
         return
-    if _is_deepspeed_engine(spec.model):
+    if spec.kind.placed:
         fixed = spec.model.gradient_accumulation_steps()
     else:
         value = (spec.deepspeed_config or {}).get("gradient_accumulation_steps")

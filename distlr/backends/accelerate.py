@@ -13,6 +13,7 @@ backend.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from distlr.backends import fsdp
 from distlr.backends.base import BackendSpec
 from distlr.backends.ddp import TorchBackend
+from distlr.train.data import keep_generators
 
 _NULL = contextlib.nullcontext()
 
@@ -80,9 +82,32 @@ class AccelerateOps:
         return bool(self.accelerator.optimizer_step_was_skipped)
 
 
+def keep_prepared_loader(loader: Any) -> Callable[[], None]:
+    """What reading a loader ``accelerator.prepare`` returned changes: the generators of it and
+    of the loader it wraps (``base_dataloader``, its ``synchronized_generator``), its
+    ``iteration`` count (the epoch its sampler is seeded with), its end-of-epoch bookkeeping,
+    and the list of loaders the accelerator's gradient state believes are being iterated (a
+    loader joins it when an iteration begins and leaves, with every other entry for itself,
+    only when an epoch runs to its end). Returns what puts them back."""
+    generators = keep_generators(loader, ("sampler", "batch_sampler", "generator", "base_dataloader",
+                                          "synchronized_generator"))
+    attrs = {name: getattr(loader, name) for name in ("iteration", "end_of_dataloader", "remainder")
+             if isinstance(getattr(loader, name, None), (bool, int))}
+    state = getattr(loader, "gradient_state", None)
+    references = None if state is None else list(state.dataloader_references)
+
+    def restore() -> None:
+        generators()
+        if references is not None:
+            state.dataloader_references = references
+        for name, value in attrs.items():
+            setattr(loader, name, value)
+    return restore
+
+
 def make(spec: BackendSpec) -> TorchBackend:
-    """The backend for what an accelerator prepared (``spec.extra["accelerator"]``). An FSDP2
+    """The backend for what an accelerator prepared (``spec.accelerator``). An FSDP2
     model keeps FSDP2's own gradient sync and resharding (``distlr.backends.fsdp``)."""
-    accelerator = spec.extra["accelerator"]
+    accelerator = spec.accelerator
     sync = fsdp.FSDP2Sync(spec.model) if fsdp.is_fsdp2(spec.model) else AccelerateSync(accelerator, spec.model)
     return TorchBackend(spec, sync=sync, ops=AccelerateOps(accelerator, spec.optimizer), keep=[(accelerator, "step")])

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from distlr.args import SweepArgs
-from distlr.batch import Criterion, LossFn, count_items, count_samples
-from distlr.choices import SnapshotMode
-from distlr.distributed import DistContext
-from distlr.result import LRFinderResult
-from distlr.snapshot import Snapshot
+from distlr.core.options import RangeTestArgs, SnapshotMode
+from distlr.dist.collectives import DistContext
+from distlr.train.batch import Criterion, LossFn, count_items, count_samples
+from distlr.train.snapshot import Snapshot
 
 # Layout of the packed per-step statistics that cross the one all-reduce of a step. There is no
 # separate non-finite flag: NaN and inf survive the sum, so the summed loss is non-finite exactly
@@ -45,7 +43,7 @@ class Backend(Protocol):
     total_steps_hint: int | None
     """The training length the backend's own config names (for the schedule), or None."""
 
-    def configure(self, args: SweepArgs) -> None:
+    def configure(self, args: RangeTestArgs) -> None:
         """Take one ``find()``'s arguments; ValueError naming any the backend cannot honour."""
 
     def set_lr(self, lr: float) -> None:
@@ -60,10 +58,11 @@ class Backend(Protocol):
         in eval mode without gradients, not yet read; the model is back in training mode after."""
 
     def make_snapshot(self, mode: SnapshotMode, directory: Path, sampler: Any | None) -> Snapshot:
-        """This rank's state before the sweep, in host memory or on disk."""
+        """This rank's state before the range test, in host memory or on disk."""
 
-    def add_to_result(self, result: LRFinderResult) -> None:
-        """What this backend adds to the result (rank 0, after the sweep)."""
+    def contribute(self, optimal_lr: float | None, schedule: dict[str, Any] | None) -> dict[str, Any]:
+        """What this backend adds to the result once its numbers are known (rank 0): result
+        fields by name, and ``"notes"`` for the user (``distlr.core.analysis.build_result``)."""
 
     def release(self) -> None:
         """Let go of what the backend made (a DDP wrapper) before the process group ends."""
@@ -85,7 +84,10 @@ class BackendSpec:
     """The user's DeepSpeed config as read (a copy), or None."""
     micro_batch_hint: int | None = None
     """The loader's batch size, for configs that leave the micro-batch size to the run."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    kind: Any = None
+    """The ``distlr.backends.BackendKind`` ``kind_of`` decided (``finder`` sets it)."""
+    accelerator: Any = None
+    """The ``accelerate.Accelerator`` every step goes through (``LRFinder.from_accelerator``)."""
 
 
 def group_lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:

@@ -17,13 +17,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from distlr import distributed as D
-from distlr.args import SweepArgs
 from distlr.backends.base import SKIPPED, BackendSpec, LrRamp, StepStats, eval_pass
-from distlr.batch import check_batch_fits, compute_loss, count_items, count_samples, is_causal_lm, prepare_batch
-from distlr.choices import SnapshotMode
-from distlr.result import LRFinderResult
-from distlr.snapshot import DiskStore, HostStore, Snapshot, TrainingSnapshot
+from distlr.core.options import RangeTestArgs, SnapshotMode
+from distlr.dist import collectives as D
+from distlr.train.batch import check_batch_fits, compute_loss, count_items, count_samples, is_causal_lm, prepare_batch
+from distlr.train.snapshot import DiskStore, HostStore, Snapshot, TrainingSnapshot
 
 _NULL = contextlib.nullcontext()  # stateless and reentrant: one serves every step
 
@@ -132,16 +130,6 @@ class DDPSync:
         return None
 
 
-def check_args(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Constructor arguments this backend cannot run with.
-
-    Raises:
-        ValueError: no optimizer and no trainable parameter to build one over.
-    """
-    if optimizer is None and not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("model has no trainable parameters (every requires_grad is False)")
-
-
 class TorchBackend:
     """One sweep step on a plain or DDP-wrapped model.
 
@@ -176,7 +164,7 @@ class TorchBackend:
         self.accumulation_steps = 1
         self.max_grad_norm: float | None = None
 
-    def configure(self, args: SweepArgs) -> None:
+    def configure(self, args: RangeTestArgs) -> None:
         for precision, who in ((self._sync.precision, "the model computes in {} by itself (its FSDP "
                                 "MixedPrecisionPolicy)"), (self._ops.precision, "the Accelerator's mixed_precision "
                                                            "is '{}'")):
@@ -238,8 +226,8 @@ class TorchBackend:
                                 grad_scaler=self._ops.scaler, sampler=sampler, settle=self._sync.settle,
                                 keep=self._keep)
 
-    def add_to_result(self, result: LRFinderResult) -> None:
-        return None
+    def contribute(self, optimal_lr: float | None, schedule: dict[str, Any] | None) -> dict[str, Any]:
+        return {}
 
     def release(self) -> None:
         if self.model is not self.module:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from distlr.choices import closest
+from distlr.core.options import closest
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ sharded over the ranks.
 The sweep runs such a model as it is (no DDP wrapper): the micro-batch loop of
 ``distlr.backends.ddp.TorchBackend`` with FSDP2's own gradient synchronisation (only the last
 micro-batch reduce-scatters), and the snapshot keeps each rank's local shards only
-(``distlr.snapshot``). ``shard`` is what the command line's ``--fsdp`` does to a Hugging Face
+(``distlr.train.snapshot``). ``shard`` is what the command line's ``--fsdp`` does to a Hugging Face
 model: one FSDP unit per transformer block, then the root (the torchtitan pattern).
 """
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from distlr.backends.base import BackendSpec
 from distlr.backends.ddp import TorchBackend
-from distlr.distributed import DistContext
+from distlr.dist.collectives import DistContext
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 

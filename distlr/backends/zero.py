@@ -29,15 +29,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distlr import distributed as D
-from distlr.args import SweepArgs
 from distlr.backends.base import BackendSpec, LrRamp, StepStats, eval_pass
 from distlr.backends.dsconfig import auto_values, sweep_config, total_steps_from, tuned_config, unknown_keys
-from distlr.batch import (cast_floating_inputs, check_batch_fits, compute_loss, count_items, count_samples,
-                          is_causal_lm, prepare_batch)
-from distlr.choices import SnapshotMode
-from distlr.result import LRFinderResult
-from distlr.snapshot import HostStore, RNGState, check_free_space, join_tensors, split_tensors
+from distlr.core.options import RangeTestArgs, SnapshotMode
+from distlr.dist import collectives as D
+from distlr.train.batch import (cast_floating_inputs, check_batch_fits, compute_loss, count_items, count_samples,
+                                is_causal_lm, prepare_batch)
+from distlr.train.snapshot import HostStore, RNGState, check_free_space, join_tensors, split_tensors
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_TAG = "distlr-snapshot"
@@ -50,15 +48,6 @@ def import_deepspeed() -> Any:
     except ImportError as err:
         raise ImportError("DeepSpeed support needs the deepspeed package: pip install 'distlr[deepspeed]'") from err
     return deepspeed
-
-
-def is_deepspeed_engine(model: Any) -> bool:
-    """True for a ``DeepSpeedEngine`` (without importing deepspeed when the model is not one)."""
-    if not type(model).__module__.startswith("deepspeed"):
-        return False
-    from deepspeed import DeepSpeedEngine
-
-    return isinstance(model, DeepSpeedEngine)
 
 
 def zero_config_keys() -> frozenset[str]:
@@ -188,19 +177,6 @@ def engine_dtype(engine: Any) -> torch.dtype:
     return torch.float32
 
 
-def check_args(model: Any, optimizer: torch.optim.Optimizer | None) -> None:
-    """Constructor arguments this backend cannot run with.
-
-    Raises:
-        ValueError: an optimizer beside an engine (which brings its own); nothing to train.
-    """
-    if is_deepspeed_engine(model):
-        if optimizer is not None:
-            raise ValueError("optimizer=... was given with a DeepSpeed engine, which brings its own; pass optimizer=None")
-    elif optimizer is None and not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("model has no trainable parameters (every requires_grad is False)")
-
-
 class DeepSpeedBackend:
     """One sweep step on a DeepSpeed engine (any ZeRO stage).
 
@@ -210,10 +186,10 @@ class DeepSpeedBackend:
     Face integration resolves them from ``TrainingArguments``.
     """
 
-    def __init__(self, spec: BackendSpec, args: SweepArgs) -> None:
+    def __init__(self, spec: BackendSpec, args: RangeTestArgs) -> None:
         self.ctx, self.criterion, self.device = spec.ctx, spec.criterion, spec.ctx.device
         self.loss_fn = spec.loss_fn
-        if is_deepspeed_engine(spec.model):
+        if spec.kind.placed:
             self.engine = spec.model
             self.user_config = spec.deepspeed_config if spec.deepspeed_config is not None else dict(spec.model.config)
             self.notes: list[str] = []
@@ -237,7 +213,7 @@ class DeepSpeedBackend:
     def accumulation_steps(self) -> int:
         return int(self.engine.gradient_accumulation_steps())
 
-    def configure(self, args: SweepArgs) -> None:
+    def configure(self, args: RangeTestArgs) -> None:
         """With DeepSpeed the config decides precision, clipping and accumulation; a different
         value in ``find()`` would be ignored, so it is refused."""
         engine = self.engine
@@ -290,12 +266,12 @@ class DeepSpeedBackend:
     def make_snapshot(self, mode: SnapshotMode, directory: Path, sampler: Any | None) -> DeepSpeedSnapshot:
         return DeepSpeedSnapshot(self.engine, mode, directory, self.ctx, sampler=sampler)
 
-    def add_to_result(self, result: LRFinderResult) -> None:
+    def contribute(self, optimal_lr: float | None, schedule: dict[str, Any] | None) -> dict[str, Any]:
         """The ZeRO stage, and the user's config tuned with the suggestion and a schedule."""
-        result.zero_stage = int(self.engine.zero_optimization_stage())
-        if result.optimal_lr is not None and result.schedule is not None:
-            result.deepspeed_config, notes = tuned_config(self.user_config, result.optimal_lr, result.schedule)
-            result.notes.extend(notes)
+        out: dict[str, Any] = {"zero_stage": int(self.engine.zero_optimization_stage())}
+        if optimal_lr is not None and schedule is not None:
+            out["deepspeed_config"], out["notes"] = tuned_config(self.user_config, optimal_lr, schedule)
+        return out
 
     def release(self) -> None:
         return None  # the engine is the user's, or lives as long as the finder

@@ -23,11 +23,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from distlr import trackers
+from distlr.core.result import LRFinderResult
 from distlr.finder import LRFinder
-from distlr.plot import plot_result
-from distlr.report import free_name, write_atomic
-from distlr.result import LRFinderResult
+from distlr.output import trackers
+from distlr.output.files import free_name, write_atomic
+from distlr.output.plot import plot_result
+from distlr.output.summary import summary
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def find_lr(trainer: Any, *, apply: bool = False, **find_kwargs: Any) -> LRFinde
         optimizer = None
         if deepspeed_config is None or "optimizer" not in deepspeed_config:
             optimizer = trainer.create_optimizer()  # the Trainer's groups (no decay on norms, biases)
+        kwargs.setdefault("progress", True)  # a tqdm bar, as the Trainer's own
         with LRFinder(trainer.model, trainer.get_train_dataloader(), optimizer,
                       loss_fn=lambda model, batch: trainer.compute_loss(model, batch),
                       deepspeed_config=deepspeed_config) as finder:
@@ -88,6 +90,8 @@ def find_lr(trainer: Any, *, apply: bool = False, **find_kwargs: Any) -> LRFinde
         publish(trainer, result, report_to)
     except Exception as err:  # rank 0 alone writes: a failure here must not part it from the others
         logger.warning("find_lr: could not write or log the result (%s); the result is returned as usual", err)
+    if trainer.is_world_process_zero():
+        print(summary(result), flush=True)
     if apply:
         apply_result(trainer, result)
     return result

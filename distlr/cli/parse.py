@@ -8,9 +8,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from distlr.args import SweepArgs
-from distlr.choices import AMP_MODES, closest
-from distlr.config import BUILTIN_MODELS, RunConfig, field_defaults, field_docs, field_types, load_yaml
+from distlr.cli.config import BUILTIN_MODELS, RunConfig, base_type, field_defaults, field_help, field_types, load_yaml
+from distlr.core.options import AMP_MODES, closest
 
 DESCRIPTION = """\
 LR range test that runs where training runs. With no arguments: the built-in demo (a tiny GPT on
@@ -19,22 +18,35 @@ resolved config.yaml to --output-dir (default: a new folder under ./distlr-runs)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser, built from the config's fields (``flags`` lists its options)."""
+    return _parser_and_flags()[0]
+
+
+def flags() -> list[str]:
+    """Every option the command line takes, as typed (``--min-lr``, ``--min_lr``, ...)."""
+    return _parser_and_flags()[1]
+
+
+def _parser_and_flags() -> tuple[argparse.ArgumentParser, list[str]]:
     parser = argparse.ArgumentParser(prog="distlr", description=DESCRIPTION, allow_abbrev=False)
+    options = ["--config"]
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of the keys below (flags override it)")
     # The deepspeed launcher passes --local_rank; the rank comes from the environment anyway.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    docs = {**field_docs(SweepArgs), **field_docs(RunConfig)}
+    docs = field_help()
     defaults = field_defaults()
     for name, tp in field_types().items():
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        names = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         doc = docs.get(name, "")
         help_text = doc if "default" in doc else f"{doc} (default: {defaults[name]})"
-        if tp is bool:
-            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+        if base_type(tp)[0] is bool:
+            parser.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
+            options += [*names, *(f"--no-{n[2:]}" for n in names)]
         else:
-            parser.add_argument(*flags, dest=name, metavar="VALUE", default=argparse.SUPPRESS, help=help_text)
-    return parser
+            parser.add_argument(*names, dest=name, metavar="VALUE", default=argparse.SUPPRESS, help=help_text)
+            options += names
+    return parser, options
 
 
 def parse_cli(argv: list[str] | None = None) -> RunConfig:
@@ -48,11 +60,10 @@ def parse_cli(argv: list[str] | None = None) -> RunConfig:
 
 def parse_cli_sources(argv: list[str] | None = None) -> tuple[RunConfig, dict[str, object]]:
     """``parse_cli``, and the settings it took from ``accelerate launch`` (to say so)."""
-    parser = build_parser()
+    parser, names = _parser_and_flags()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = unknown[0]
-        names = [opt for action in parser._actions for opt in action.option_strings]
         typed = flag.split("=")[0]
         starting = sorted({n for n in names if n.startswith(typed) and "_" not in n})
         close = " or ".join(starting) if starting else closest(typed, names)

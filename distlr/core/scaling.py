@@ -89,6 +89,28 @@ def spread(lrs: Sequence[float | None]) -> Spread:
     return Spread(float(math.exp(np.mean(np.log(found)))), min(found), max(found), len(found), len(lrs))
 
 
+def check_series_args(global_batch_sizes: Sequence[Any] | None, repeats: Any, target_global_batch_size: Any,
+                      *, accumulation_given: bool = False) -> None:
+    """The one check of a series' arguments (``LRFinder.series`` and the command line's).
+
+    Raises:
+        ValueError: naming the argument, its value and what is allowed.
+    """
+    from distlr.core.options import is_int
+
+    if accumulation_given and global_batch_sizes is not None:
+        raise ValueError("accumulation_steps with global_batch_sizes: each size's split into micro-batch x ranks x "
+                         "accumulation decides the accumulation; leave accumulation_steps out")
+    if not is_int(repeats) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is not allowed; use an int >= 1")
+    if global_batch_sizes is not None:
+        sizes = list(global_batch_sizes)
+        if not sizes or any(not is_int(b) or b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
+            raise ValueError(f"global_batch_sizes={sizes!r} is not allowed; use distinct ints >= 1 (16,32,64)")
+    if target_global_batch_size is not None and (not is_int(target_global_batch_size) or target_global_batch_size < 1):
+        raise ValueError(f"target_global_batch_size={target_global_batch_size!r} is not allowed; use an int >= 1")
+
+
 def split_global_batch(global_batch_size: int, world_size: int, max_micro_batch: int) -> tuple[int, int]:
     """``(micro_batch, accumulation_steps)`` with micro x ``world_size`` x accumulation =
     ``global_batch_size``: the largest micro-batch up to ``max_micro_batch`` (the fewest
@@ -116,7 +138,7 @@ def split_global_batch(global_batch_size: int, world_size: int, max_micro_batch:
 
 
 @dataclass
-class SweepRun:
+class SeriesRun:
     """One range test of a sweep: its global batch, how it was split, its data seed, its result."""
 
     global_batch_size: int
@@ -133,11 +155,11 @@ class SweepRun:
 
 
 @dataclass
-class SweepResult:
+class SeriesResult:
     """Every run of a sweep, each batch size's spread over repeats, and the power-law fit of the
     suggestion against the global batch size."""
 
-    runs: list[SweepRun]
+    runs: list[SeriesRun]
     world_size: int
     target_global_batch_size: int | None = None
 
@@ -166,3 +188,7 @@ class SweepResult:
                 "fit": None if fit is None else fit.to_dict(),
                 "spread": {str(b): s.to_dict() for b, s in self.spreads().items()},
                 "prediction": self.prediction()}
+
+
+SweepRun, SweepResult = SeriesRun, SeriesResult
+"""Deprecated spellings of ``SeriesRun`` and ``SeriesResult``; they go in the next release."""

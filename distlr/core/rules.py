@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distlr.curve import Curve, LocalFit
+from distlr.core.curve import Curve, LocalFit
 
 MIN_POINTS = 5
 """Fewest usable points a curve needs before any rule will suggest an LR."""

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from distlr.cli import parse_cli
+from distlr.cli.parse import parse_cli
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

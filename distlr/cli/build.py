@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import importlib
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from distlr.config import BUILTIN_MODELS, RunConfig
-from distlr.corpus import MaskedLMCollate, PackedTokens, byte_tokens, read_corpus
+from distlr.cli.config import BUILTIN_MODELS, RunConfig
+from distlr.cli.corpus import MaskedLMCollate, PackedTokens, byte_tokens, read_corpus
+from distlr.dist import collectives as D
+from distlr.output.files import CONFIG_FILE, new_output_dir
 
 BYTE_VOCAB = 256
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -134,8 +138,10 @@ def build(spec: str, *, seq_len: int) -> BuiltModel:
 def _head(spec: str, config: Any) -> tuple[ModelKind, Any]:
     """The kind and the Auto class of a Hugging Face config: the head it was built with."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     architectures = list(getattr(config, "architectures", None) or [])
     name = architectures[0] if architectures else f"a fresh {config.model_type} model"
@@ -159,7 +165,7 @@ def _head(spec: str, config: Any) -> tuple[ModelKind, Any]:
 
 
 def _kind_of_module(model: nn.Module) -> ModelKind:
-    from distlr.batch import is_causal_lm
+    from distlr.train.batch import is_causal_lm
 
     if is_causal_lm(model):
         return "causal"
@@ -286,3 +292,27 @@ def build_trainable(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optim
     if isinstance(params, dict) and params.get("weight_decay") == "auto":
         params["weight_decay"] = cfg.weight_decay
     return None, config
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (model initialisation, data order)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def output_dir(cfg: RunConfig, ctx: D.DistContext, given: Path | None) -> tuple[Path, Path | None]:
+    """Rank 0 makes the output directory (never over an earlier result, never over the config
+    file it was given) and tells the others; also the directory if rank 0 created it.
+    Collective: every rank must call this."""
+    path, created = None, False
+    with D.agree_on_failure(ctx):
+        if cfg.output_dir is not None and given is not None and \
+                (Path(cfg.output_dir) / CONFIG_FILE).resolve() == given.resolve():
+            raise ValueError(f"--config {str(given)!r} is the config.yaml of output_dir={cfg.output_dir!r}, which "
+                             "this run would write; choose another --output-dir (distlr never writes over the "
+                             "file it was given)")
+        if ctx.is_main:
+            path, created = new_output_dir(cfg.output_dir, overwrite=cfg.overwrite)
+    path = D.broadcast_object(ctx, path)
+    return path, path if created and ctx.is_main else None

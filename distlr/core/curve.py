@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from distlr.core.smoothing import ema
+
 KERNEL_REACH = 3.0
 """The Gaussian kernel is cut at this many widths (it holds 99.7 % of the weight there)."""
 
@@ -92,29 +94,6 @@ def _vector(name: str, values: Sequence[float]) -> np.ndarray:
         raise ValueError(f"{name} must be finite; {name}[{bad[0]}]={arr[bad[0]]!r} "
                          "(cut the curve where the sweep diverged before suggesting)")
     return arr
-
-
-def ema(losses: np.ndarray, smooth_factor: float) -> np.ndarray:
-    """The bias-corrected EMA of ``losses`` (the numbers ``LossTracker`` records), vectorised.
-
-    ``avg_t = beta^(t+1-s) avg_(s-1) + (1 - beta) sum_(j=s..t) beta^(t-j) x_j`` over blocks that
-    start at s, short enough that ``beta^-(block)`` stays far from overflow.
-    """
-    x = np.asarray(losses, dtype=np.float64)
-    beta = float(smooth_factor)
-    if beta == 0.0:
-        return x.copy()
-    out = np.empty(len(x))
-    block = max(1, min(len(x), int(200.0 / max(-math.log(beta), 1e-12)) or 1, 4096))
-    carry = 0.0
-    for s in range(0, len(x), block):
-        chunk = x[s: s + block]
-        steps = np.arange(1, len(chunk) + 1)
-        grow = beta ** -steps  # 1 / beta^t, at most e^200
-        avg = beta**steps * (carry + (1.0 - beta) * np.cumsum(chunk * grow))
-        out[s: s + len(chunk)] = avg
-        carry = float(avg[-1])
-    return out / (1.0 - beta ** np.arange(1, len(x) + 1))
 
 
 @dataclass(frozen=True)

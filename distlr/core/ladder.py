@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distlr.args import SweepArgs
-from distlr.choices import StepMode
+from distlr.core.options import RangeTestArgs, StepMode
 
 EXTENSION_FACTOR = 1000.0
 """An extended range ends at the latest at this many times ``max_lr`` (3 decades). On the
@@ -39,7 +38,7 @@ class Ladder:
     step_mode: StepMode = "exp"
 
     def __post_init__(self) -> None:
-        SweepArgs(min_lr=self.min_lr, max_lr=self.max_lr, num_steps=self.num_steps, step_mode=self.step_mode)
+        RangeTestArgs(min_lr=self.min_lr, max_lr=self.max_lr, num_steps=self.num_steps, step_mode=self.step_mode)
 
     def lr(self, index: int) -> float:
         """The LR of step ``index`` (0-based); past ``num_steps - 1`` the ladder goes on."""
@@ -88,7 +87,7 @@ def lr_ladder(min_lr: float, max_lr: float, num_steps: int, step_mode: StepMode 
         A list of ``num_steps`` increasing floats.
 
     Raises:
-        ValueError / TypeError: a bad argument (checked by ``SweepArgs``, the one place these are).
+        ValueError / TypeError: a bad argument (checked by ``RangeTestArgs``, the one place these are).
 
     Example:
         >>> [f"{lr:.0e}" for lr in lr_ladder(1e-4, 1e-1, 4)]

@@ -17,42 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from distlr.choices import DEVICE_CHOICES, DIST_BACKENDS, check_choice
-from distlr.distributed import DistContext
+from distlr.core.options import DEFAULT_TIMEOUT_S, DEVICE_CHOICES, DIST_BACKENDS, check_choice, check_device, check_timeout
+from distlr.dist.launch import LaunchInfo, launch_info
+from distlr.dist.collectives import DistContext
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 300.0
-"""Collective timeout when distlr makes the process group: a dead rank ends the job in minutes,
-not after torch's default half hour."""
-
-
-@dataclass(frozen=True)
-class LaunchInfo:
-    """Rank layout found in the environment."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    launcher: str
-
-
-def launch_info() -> LaunchInfo | None:
-    """The torchrun or SLURM rank layout of this process, or None for a plain process.
-
-    Raises:
-        ValueError: an environment variable that should be an integer is not.
-    """
-    env = os.environ
-    try:
-        if "RANK" in env and "WORLD_SIZE" in env:
-            return LaunchInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun")
-        if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-            return LaunchInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
-                              int(env["SLURM_NTASKS"]), "slurm")
-    except ValueError as err:
-        raise ValueError(f"malformed launcher environment variable: {err}") from None
-    return None
 
 
 @dataclass
@@ -94,8 +64,8 @@ def start_session(
     *,
     dist_backend: str = "auto",
     dist_timeout: float = DEFAULT_TIMEOUT_S,
-    for_deepspeed: bool = False,
-    require_group: bool = False,
+    make_group: bool = False,
+    keep_group: bool = False,
 ) -> Session:
     """Join (or create) the job's process group and pick this rank's device.
 
@@ -106,16 +76,14 @@ def start_session(
         device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``"cpu"``, ...
         dist_backend: ``"auto"``, ``"nccl"`` or ``"gloo"``.
         dist_timeout: seconds a collective may wait before the job fails (> 0).
-        for_deepspeed: the session serves DeepSpeed: a one-process group is made even without a
-            launcher (DeepSpeed needs one), and a group distlr makes is kept (see ``keep_group``).
-        require_group: make a one-process group without a launcher too (FSDP2 needs one).
+        make_group: make a one-process group without a launcher too (DeepSpeed and FSDP2 need one).
+        keep_group: keep a group this session makes when it closes (DeepSpeed holds on to it).
 
     Raises:
         ValueError: a bad backend, timeout or device; SLURM without MASTER_ADDR/MASTER_PORT.
     """
     check_choice("dist_backend", dist_backend, DIST_BACKENDS)
-    if isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float)) or not dist_timeout > 0:
-        raise ValueError(f"dist_timeout={dist_timeout!r} is not allowed; use a number of seconds > 0")
+    check_timeout(dist_timeout)
     if dist.is_available() and dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         dev = resolve_device(device, local_rank)
@@ -123,7 +91,7 @@ def start_session(
         return Session(DistContext(dist.get_rank(), local_rank, dist.get_world_size(), dev), owns_group=False,
                        launcher=info.launcher if info is not None else "user")
     info = launch_info()
-    if info is None and not (for_deepspeed or require_group):
+    if info is None and not make_group:
         return Session(DistContext(device=resolve_device(device, 0)))
     init_method = "env://"
     if info is None:
@@ -146,7 +114,7 @@ def start_session(
     if info.rank == 0:
         logger.info("process group: %s, %d rank(s), timeout %.0f s", backend, info.world_size, dist_timeout)
     return Session(DistContext(info.rank, info.local_rank, info.world_size, dev), owns_group=True,
-                   launcher=info.launcher, keep_group=for_deepspeed)
+                   launcher=info.launcher, keep_group=keep_group)
 
 
 def resolve_device(device: object, local_rank: int = 0) -> torch.device:
@@ -157,17 +125,13 @@ def resolve_device(device: object, local_rank: int = 0) -> torch.device:
     """
     if isinstance(device, torch.device):
         resolved = device
-    elif isinstance(device, str):
-        if device == "auto":
-            return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        try:
-            resolved = torch.device(device)
-        except RuntimeError:
-            raise ValueError(f"device={device!r} is not supported; allowed: {', '.join(DEVICE_CHOICES)}") from None
         if resolved.type not in ("cpu", "cuda"):
             raise ValueError(f"device={device!r} is not supported; allowed: {', '.join(DEVICE_CHOICES)}")
     else:
-        raise TypeError(f"device={device!r} must be a string ({', '.join(DEVICE_CHOICES)}) or a torch.device")
+        check_device(device)
+        if device == "auto":
+            return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        resolved = torch.device(device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available on this machine; use 'auto' or 'cpu'")

@@ -6,9 +6,9 @@ import math
 import textwrap
 from pathlib import Path
 
-from distlr.fit import SweepResult
-from distlr.report import atomic_path
-from distlr.result import LRFinderResult
+from distlr.core.result import LRFinderResult
+from distlr.core.scaling import SeriesResult
+from distlr.output.files import atomic_path
 
 
 def plot_result(
@@ -104,7 +104,7 @@ def _limit_y(ax, result: LRFinderResult) -> None:
     ax.set_ylim(low - 0.05 * span, high + 0.25 * span)
 
 
-def plot_sweep(sweep: SweepResult, output_path: str | Path) -> Path:
+def plot_series(sweep: SeriesResult, output_path: str | Path) -> Path:
     """Two panels: the smoothed curves overlaid, one colour per global batch size (each repeat
     a line); and log-log suggested LR against global batch size, with the fit and the
     square-root (0.5) and linear (1) scaling lines through the fit's middle.

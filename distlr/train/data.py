@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
-from distlr.distributed import DistContext, agree_on_failure
+from distlr.dist.collectives import DistContext, agree_on_failure
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,37 @@ def read_fixed_batches(loader: Iterable[Any], count: int, ctx: DistContext) -> l
     return batches
 
 
+def keep_generators(loader: Any, holders: tuple[str, ...] = ("sampler", "batch_sampler", "generator")
+                    ) -> Callable[[], None]:
+    """What reading a loader changes besides the global RNG, which the snapshot restores: the
+    private ``torch.Generator`` of the loader and its samplers (the next shuffle order), found
+    through the attributes ``holders`` a few levels deep. Returns what puts them back."""
+    states = [(g, g.get_state()) for g in _generators(loader, holders)]
+
+    def restore() -> None:
+        for generator, state in states:
+            generator.set_state(state)
+    return restore
+
+
+def _generators(loader: Any, holders: tuple[str, ...]) -> list[torch.Generator]:
+    found: list[torch.Generator] = []
+    seen: set[int] = set()
+    level = [loader]
+    for _ in range(4):
+        deeper = []
+        for holder in level:
+            if holder is None or id(holder) in seen:
+                continue
+            seen.add(id(holder))
+            if isinstance(holder, torch.Generator):
+                found.append(holder)
+                continue
+            deeper += [getattr(holder, name, None) for name in holders]
+        level = deeper
+    return found
+
+
 class BatchStream:
     """Endless batches from a loader; when it runs out, the next epoch starts.
 
@@ -63,10 +94,11 @@ class BatchStream:
     says so.
     """
 
-    def __init__(self, loader: Iterable[Any], *, warn: Callable[[str], None] | None = None) -> None:
+    def __init__(self, loader: Iterable[Any], *, warn: Callable[[str], None] | None = None,
+                 keep: Callable[[Any], Callable[[], None]] = keep_generators) -> None:
         self.loader = loader
         self.cycled = False
-        self._before = _LoaderState.capture(loader)
+        self._restore = keep(loader)  # the backend's: what reading this loader changes
         self._warn = warn or logger.warning
         # Made on the first fetch, not here: a DataLoader draws its shuffle seed from the torch RNG
         # when its iterator is created, and that must happen after the snapshot.
@@ -99,11 +131,11 @@ class BatchStream:
         return [self.next() for _ in range(n)]
 
     def close(self) -> None:
-        """Leave the loader as the sweep found it (``_LoaderState``)."""
+        """Leave the loader as the range test found it (``keep``)."""
         it, self._it = self._it, None
         if hasattr(it, "close"):
             it.close()  # a generator's own cleanup runs now, before the state is put back
-        self._before.restore(self.loader)
+        self._restore()
 
     def _new_epoch(self) -> Any:
         sampler = getattr(self.loader, "sampler", None)
@@ -124,58 +156,6 @@ class BatchStream:
                        "shuffle) to reach num_steps")
         self.cycled = True
         return batch
-
-
-class _LoaderState:
-    """What reading a loader changes besides the global RNG, which the snapshot restores: the
-    private ``torch.Generator`` of the loader and its samplers (the next shuffle order), and for
-    an Accelerate loader its ``iteration`` count (the epoch its sampler is seeded with), its
-    end-of-epoch bookkeeping, and the list of loaders Accelerate's gradient state believes are
-    being iterated (a loader joins it when an iteration begins and leaves, with every other
-    entry for itself, only when an epoch runs to its end)."""
-
-    def __init__(self, generators: list[tuple[torch.Generator, torch.Tensor]], attrs: dict[str, Any],
-                 references: list[Any] | None) -> None:
-        self.generators, self.attrs, self.references = generators, attrs, references
-
-    @classmethod
-    def capture(cls, loader: Any) -> _LoaderState:
-        generators = [(g, g.get_state()) for g in _generators(loader)]
-        attrs = {name: getattr(loader, name) for name in ("iteration", "end_of_dataloader", "remainder")
-                 if isinstance(getattr(loader, name, None), (bool, int))}
-        references = getattr(getattr(loader, "gradient_state", None), "dataloader_references", None)
-        return cls(generators, attrs, None if references is None else list(references))
-
-    def restore(self, loader: Any) -> None:
-        for generator, state in self.generators:
-            generator.set_state(state)
-        if self.references is not None:
-            loader.gradient_state.dataloader_references = self.references
-        for name, value in self.attrs.items():
-            setattr(loader, name, value)
-
-
-_GENERATOR_HOLDERS = ("sampler", "batch_sampler", "base_dataloader", "generator", "synchronized_generator")
-
-
-def _generators(loader: Any) -> list[torch.Generator]:
-    """The ``torch.Generator``s a loader draws its order from: its own, its samplers' and, for
-    a loader wrapping another (Accelerate's shards), the inner ones', a few levels deep."""
-    found: list[torch.Generator] = []
-    seen: set[int] = set()
-    level = [loader]
-    for _ in range(4):
-        deeper = []
-        for holder in level:
-            if holder is None or id(holder) in seen:
-                continue
-            seen.add(id(holder))
-            if isinstance(holder, torch.Generator):
-                found.append(holder)
-                continue
-            deeper += [getattr(holder, name, None) for name in _GENERATOR_HOLDERS]
-        level = deeper
-    return found
 
 
 def check_reshufflable(loader: Any) -> None:
@@ -234,8 +214,6 @@ def shard_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
     """
     if not ctx.distributed:
         return loader
-    if type(loader).__module__.startswith("accelerate"):
-        return loader  # prepared by Accelerate: it shards (or dispatches) already
     if isinstance(loader, DataLoader) and isinstance(loader.sampler, DistributedSampler):
         _check_shard(loader, ctx)
     if not isinstance(loader, DataLoader):

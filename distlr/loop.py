@@ -1,17 +1,18 @@
-"""The range test's loop: one optimizer step per ladder LR, one global loss, one stop decision per step."""
+"""One range test: one optimizer step per ladder LR, one global loss, one stop decision per step."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from distlr import distributed as D
 from distlr.backends.base import ITEMS, LOSS_SUM, SAMPLES, SKIPPED, Backend
-from distlr.data import BatchStream
-from distlr.ladder import Ladder
-from distlr.tracker import LossTracker, StopReason
+from distlr.core.history import History
+from distlr.core.ladder import Ladder
+from distlr.core.smoothing import LossTracker, StopReason
+from distlr.dist import collectives as D
+from distlr.train.data import BatchStream
 
 MAX_SKIPPED_IN_A_ROW = 25
 """An fp16 run whose every step overflows never records a point; give up after this many in a row."""
@@ -28,25 +29,6 @@ class StepReporter(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass
-class SweepHistory:
-    """What the loop recorded: one point per optimizer step that ran."""
-
-    lrs: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    smoothed: list[float] = field(default_factory=list)
-    samples: list[int] = field(default_factory=list)
-    """The global batch of each recorded step: samples summed over micro-batches and ranks."""
-    stop_reason: StopReason = StopReason.COMPLETED
-    diverged_at: int | None = None
-    skipped_steps: int = 0
-    extended_steps: int = 0
-    """Steps run past ``max_lr`` because the loss had not turned up there."""
-    val_steps: list[int] = field(default_factory=list)
-    """The step (index into ``lrs``) after which each validation loss was measured."""
-    val_losses: list[float] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class Validation:
     """A fixed set of validation batches, measured every ``every`` recorded steps."""
@@ -55,7 +37,7 @@ class Validation:
     every: int
 
 
-def run_sweep(
+def run_range_test(
     backend: Backend,
     stream: BatchStream,
     ladder: Ladder,
@@ -65,7 +47,7 @@ def run_sweep(
     reporter: StepReporter | None = None,
     extend: Callable[[list[float], list[float]], bool] | None = None,
     validation: Validation | None = None,
-) -> SweepHistory:
+) -> History:
     """Run the range test over ``ladder`` and return the recorded curve.
 
     Every rank calls this with the same ``ladder``. Each step: the backend trains on this rank's
@@ -84,7 +66,7 @@ def run_sweep(
     Raises:
         Fp16OverflowError: fp16 overflowed on ``MAX_SKIPPED_IN_A_ROW`` steps in a row (on every rank).
     """
-    history = SweepHistory()
+    history = History()
     skipped_in_a_row = 0
     index = 0
     end = ladder.num_steps
@@ -117,7 +99,7 @@ def run_sweep(
         if reporter is not None:
             reporter.step(index, lr, loss, tracker.smoothed[-1])
         if non_finite or diverged:
-            history.stop_reason = StopReason.NON_FINITE if non_finite else StopReason.DIVERGED
+            history.stop_reason = (StopReason.NON_FINITE if non_finite else StopReason.DIVERGED).value
             history.diverged_at = index
             break
         if validation is not None and (index + 1) % validation.every == 0:

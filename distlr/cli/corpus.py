@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from distlr.choices import TOKEN_DTYPES
+from distlr.core.options import TOKEN_DTYPES
 
 TOKEN_FILES = {".pt": "torch", ".pth": "torch", ".npy": "numpy", ".bin": "raw"}
 TABLE_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """1: the first release; 2: added peak_lr, confidence, range_notes, trend_losses, inputs,
-provenance and schema_version; 3: added extended_steps, val_steps and val_losses."""
+provenance and schema_version; 3: added extended_steps, val_steps and val_losses; 4: ``inputs``
+left the result for the command line's own key of result.json (``"cli"``)."""
 
 
 @dataclass
@@ -59,7 +60,7 @@ class LRFinderResult:
     range_notes: list[str] = field(default_factory=list)
     """What was wrong with the range tried (still falling at max_lr, diverged at once, ...)."""
     schedule: dict[str, Any] | None = None
-    """A schedule whose peak is ``peak_lr``, in pasteable forms (see ``distlr.schedule``)."""
+    """A schedule whose peak is ``peak_lr``, in pasteable forms (see ``distlr.core.schedule``)."""
     step_mode: str = "exp"
     world_size: int = 1
     micro_batch_size: int | None = None
@@ -76,8 +77,6 @@ class LRFinderResult:
     """The DeepSpeed ZeRO stage the sweep ran under (None without DeepSpeed)."""
     deepspeed_config: dict[str, Any] | None = None
     """The user's DeepSpeed config with the suggested lr and a scheduler (ds_config.tuned.json)."""
-    inputs: dict[str, Any] | None = None
-    """What the command line read: source, files, tokens, sequences (None from the Python API)."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Where the result came from: the versions of distlr, torch, transformers and deepspeed, the
     launcher and the world size."""
@@ -108,6 +107,8 @@ class LRFinderResult:
     def from_dict(cls, data: dict[str, Any]) -> LRFinderResult:
         """Rebuild a result from ``to_dict()`` output; null losses come back as NaN."""
         known = {f.name for f in dataclasses.fields(cls)}
+        # A result.json holds what the command line read beside the result; schema 2-3 kept it inside.
+        data = {k: v for k, v in data.items() if k not in ("cli", "inputs")}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown LRFinderResult field(s) {unknown}; allowed: {sorted(known)}")
@@ -125,7 +126,8 @@ class LRFinderResult:
 
     @classmethod
     def load(cls, path: str | Path) -> LRFinderResult:
-        """Read a ``result.json`` file.
+        """Read a ``result.json`` file (its ``"cli"`` key, what the command line read, is not part
+        of the result).
 
         Example:
             >>> result = LRFinderResult.load("distlr-runs/20260101-120000/result.json")  # doctest: +SKIP

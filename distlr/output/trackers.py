@@ -31,9 +31,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from distlr.choices import closest
-from distlr.report import free_name
-from distlr.result import LRFinderResult
+from distlr.core.options import closest
+from distlr.core.result import LRFinderResult
+from distlr.output.files import free_name
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 """Each tracker's name is also the module it needs."""

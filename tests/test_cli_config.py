@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distlr.cli import parse_cli
+from distlr.cli.parse import parse_cli
 
 
 def write(tmp_path, text):

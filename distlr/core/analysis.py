@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from distlr.curve import Curve, ema
-from distlr.result import LRFinderResult
-from distlr.schedule import recommend_schedule
-from distlr.suggest import (CONSTANT_DIVISOR, MIN_POINTS, MIN_WIDTH, PEAK_DIVISOR, SUGGESTION_RULES,
-                            VAL_CONSTANT_DIVISOR, VAL_PEAK_DIVISOR, VAL_WSD_DIVISOR, WIDTH_FRACTION, WSD_DIVISOR,
-                            Suggestion, below_turn_up, blow_up, read_curve, suggest_all)
-from distlr.tracker import StopReason
+from distlr.core.curve import Curve
+from distlr.core.history import History, RunFacts
+from distlr.core.options import RangeTestArgs
+from distlr.core.result import LRFinderResult
+from distlr.core.rules import (CONSTANT_DIVISOR, MIN_POINTS, MIN_WIDTH, PEAK_DIVISOR, SUGGESTION_RULES,
+                               VAL_CONSTANT_DIVISOR, VAL_PEAK_DIVISOR, VAL_WSD_DIVISOR, WIDTH_FRACTION, WSD_DIVISOR,
+                               Suggestion, below_turn_up, blow_up, read_curve, suggest_all)
+from distlr.core.schedule import recommend_schedule
+from distlr.core.smoothing import StopReason, ema
 
 CONFIDENCE_DRAWS = 32
 """Bootstrap resamples of the curve's noise behind ``result.confidence`` (about a millisecond)."""
@@ -170,95 +173,108 @@ def range_notes(curve: Curve, *, num_steps: int, stop_reason: str, diverged_at: 
     return notes
 
 
-def build_result(
-    *,
-    lrs: Sequence[float],
-    losses: Sequence[float],
-    smoothed: Sequence[float],
-    stop_reason: str,
-    diverged_at: int | None,
-    min_lr: float,
-    max_lr: float,
-    num_steps: int,
-    smooth_factor: float,
-    suggestion_method: str,
-    step_mode: str,
-    world_size: int,
-    micro_batch_size: int | None,
-    accumulation_steps: int,
-    elapsed_s: float,
-    global_batch_size: int | None = None,
-    skipped_steps: int = 0,
-    total_steps: int | None = None,
-    notes: list[str] | None = None,
-    extended_steps: int = 0,
-    val_steps: Sequence[int] = (),
-    val_losses: Sequence[float] = (),
-) -> LRFinderResult:
-    """Assemble the result of a range test: every rule's suggestion, the chosen one, the peak
-    and plateau for a schedule, how firm the choice is, what was wrong with the range, a schedule."""
-    curve = usable_curve(lrs, losses, smoothed, diverged_at)
+Contribute = Callable[[float | None, dict[str, Any] | None], dict[str, Any]]
+"""What a backend adds once the numbers are known: ``(optimal_lr, schedule) -> {field: value}``
+(DeepSpeed's ZeRO stage and tuned config), ``"notes"`` appended to the result's."""
+
+
+def build_result(history: History, args: RangeTestArgs, run: RunFacts = RunFacts(), *,
+                 contribute: Contribute | None = None) -> LRFinderResult:
+    """The one place an ``LRFinderResult`` is made: every rule's suggestion, the chosen one, the
+    peak and plateau for a schedule, how firm the choice is, what was wrong with the range, the
+    global batch, what the user should be told, and what the backend ``contribute``s.
+
+    Example:
+        >>> import numpy as np
+        >>> lrs = np.geomspace(1e-6, 1.0, 100).tolist()
+        >>> losses = [2 + 1 / (1 + (lr / 1e-3) ** 2) + 5 * max(0.0, np.log10(lr) + 1.5) ** 2 for lr in lrs]
+        >>> result = build_result(History(lrs, losses, ema(losses, 0.98).tolist()),
+        ...                       RangeTestArgs(min_lr=1e-6, max_lr=1.0, num_steps=100))
+        >>> result.optimal_lr < result.schedule["wsd"]["plateau_lr"] < result.peak_lr
+        True
+    """
+    lrs, losses, smoothed = history.lrs, history.losses, history.smoothed
+    curve = usable_curve(lrs, losses, smoothed, history.diverged_at)
     suggestions = suggest_all(curve)
-    notes = list(notes or [])
-    val = None if not len(curve) else validation_curve(lrs, val_steps, val_losses, float(curve.lrs[-1]), smooth_factor)
-    if suggestion_method == next(iter(SUGGESTION_RULES)):
+    notes = list(run.notes)
+    val = None if not len(curve) else validation_curve(lrs, history.val_steps, history.val_losses,
+                                                       float(curve.lrs[-1]), args.smooth_factor)
+    method = args.suggestion_method
+    if method == next(iter(SUGGESTION_RULES)):
         chosen, peak, plateau = (default_number(curve, val, kind) for kind in ("constant", "peak", "wsd"))
         if val is not None:
             notes.append("each number is the lower of its readings of the training loss and of the validation loss "
                          "(val_loader)")
     else:
-        chosen = peak = plateau = suggestions[suggestion_method]
-    end = diverged_at if diverged_at is not None else len(losses)
+        chosen = peak = plateau = suggestions[method]
+    end = history.diverged_at if history.diverged_at is not None else len(losses)
     if len(curve) and curve.lrs[-1] < lrs[end - 1]:
         cut = list(lrs).index(float(curve.lrs[-1])) + 1
         notes.append(f"the loss blew up at lr={lrs[cut]:.2e} (step {cut + 1}) and fell again at larger LRs; the "
                      "rules read only the points before the blow-up")
-    if skipped_steps:
-        notes.append(f"{skipped_steps} fp16 step(s) overflowed and were retried at the same LR")
-    spread = None if chosen.lr is None else confidence(curve, SUGGESTION_RULES[suggestion_method],
-                                                       smooth_factor=smooth_factor, actual=chosen.lr)
+    if history.skipped_steps:
+        notes.append(f"{history.skipped_steps} fp16 step(s) overflowed and were retried at the same LR")
+    global_batch = None
+    if history.samples:
+        global_batch = sorted(history.samples)[len(history.samples) // 2]
+        if min(history.samples) != max(history.samples):
+            notes.append(f"the global batch varied between {min(history.samples)} and {max(history.samples)} samples "
+                         f"a step (global_batch_size is the median, {global_batch})")
+    elif run.micro_batch_size is not None:
+        global_batch = run.micro_batch_size * run.world_size * run.accumulation_steps
+    if run.cycled:
+        notes.append(f"train_dataloader ran out before {len(lrs)} steps and was cycled (new epochs)")
+        if not run.validated:
+            # On the suggestion benchmark's small fine-tuning sets this moved the default's picks
+            # up (median regret 0.22); reading a validation loss too brought it to 0.04.
+            notes.append("the range test read some samples more than once, so its loss also measures memorising "
+                         "them, which raises the suggestion on small sets (fine-tuning most of all); pass "
+                         "val_loader= to read a validation loss as well")
+    spread = None if chosen.lr is None else confidence(curve, SUGGESTION_RULES[method],
+                                                       smooth_factor=args.smooth_factor, actual=chosen.lr)
     if spread is not None and spread["spread"] > WIDE_SPREAD:
         notes.append(
             f"the suggestion is uncertain: it moves between {spread['low']:.2e} and {spread['high']:.2e} "
             f"({spread['spread']:.0f}x) under the curve's own noise; range tests with other data orders give a firmer "
-            "answer: --repeats 3 on the command line, find_optimal_lr(..., repeats=3) or LRFinder.sweep(repeats=3)"
+            "answer: --repeats 3 on the command line, find_optimal_lr(..., repeats=3) or LRFinder.series(repeats=3)"
         )
-    best_idx = None if chosen.lr is None else list(lrs).index(chosen.lr)
-    # Measured (samples per step over all ranks) when the sweep gives it, else from the first batch.
-    global_batch = global_batch_size
-    if global_batch is None and micro_batch_size is not None:
-        global_batch = micro_batch_size * world_size * accumulation_steps
     schedule = None
     if peak.lr is not None:
-        schedule = recommend_schedule(peak.lr, total_steps=total_steps, plateau_lr=plateau.lr)
+        schedule = recommend_schedule(peak.lr, total_steps=args.total_steps or run.total_steps_hint,
+                                      plateau_lr=plateau.lr)
+    extra = dict(contribute(chosen.lr, schedule)) if contribute is not None else {}
+    notes.extend(extra.pop("notes", []))
     return LRFinderResult(
         optimal_lr=chosen.lr,
-        min_lr=min_lr,
-        max_lr=max_lr,
-        num_steps=num_steps,
+        min_lr=args.min_lr,
+        max_lr=args.max_lr,
+        num_steps=args.num_steps,
         lrs=list(lrs),
         losses=list(losses),
         smoothed_losses=list(smoothed),
-        best_lr_idx=best_idx,
-        suggestion_method=suggestion_method,
-        stop_reason=StopReason(stop_reason).value,
-        diverged_at=diverged_at,
+        best_lr_idx=None if chosen.lr is None else list(lrs).index(chosen.lr),
+        suggestion_method=method,
+        stop_reason=StopReason(history.stop_reason).value,
+        diverged_at=history.diverged_at,
         suggestion_note=chosen.reason,
         suggestions={name: s.lr for name, s in suggestions.items()},
         trend_losses=trend(curve) + [math.nan] * (len(losses) - len(curve)),
         peak_lr=peak.lr,
         confidence=spread,
-        range_notes=range_notes(curve, num_steps=num_steps, stop_reason=stop_reason, diverged_at=diverged_at,
-                                max_lr=max_lr, min_lr=min_lr, extended_steps=extended_steps),
+        range_notes=range_notes(curve, num_steps=args.num_steps, stop_reason=history.stop_reason,
+                                diverged_at=history.diverged_at, max_lr=args.max_lr, min_lr=args.min_lr,
+                                extended_steps=history.extended_steps),
         schedule=schedule,
-        step_mode=step_mode,
-        world_size=world_size,
-        micro_batch_size=micro_batch_size,
-        accumulation_steps=accumulation_steps,
+        step_mode=args.step_mode,
+        world_size=run.world_size,
+        micro_batch_size=run.micro_batch_size,
+        accumulation_steps=run.accumulation_steps,
         global_batch_size=global_batch,
-        elapsed_s=elapsed_s,
+        elapsed_s=run.elapsed_s,
         notes=notes,
-        extended_steps=extended_steps,
-        val_steps=list(val_steps),
-        val_losses=list(val_losses),
+        extended_steps=history.extended_steps,
+        val_steps=list(history.val_steps),
+        val_losses=list(history.val_losses),
+        provenance=dict(run.provenance),
+        **extra,
     )

@@ -1,7 +1,7 @@
 """The sweep runner: one range test per global batch size and repeat, in one job. The fit is
 checked on synthetic suggestions; the runs under torchrun with 2 ranks: the state after every
 run and after the sweep, the ranks' agreement, a point that diverges at once, refused sizes, and
-the CLI's sweep.json and sweep.png."""
+the CLI's series.json and series.png."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from helpers import (Scenarios, digest, fingerprint, launch, mlp, mse, read_rank
                      torchrun)
 
 pytestmark = pytest.mark.timeout(400)
-MODULE = "test_sweep_runner"
+MODULE = "test_series"
 scenarios = Scenarios()
 SWEEP = dict(min_lr=1e-4, max_lr=10.0, num_steps=15)
 
@@ -28,7 +28,7 @@ SWEEP = dict(min_lr=1e-4, max_lr=10.0, num_steps=15)
 
 @pytest.mark.parametrize("exponent", [0.5, 1.0, -0.3])
 def test_the_fit_recovers_a_known_exponent_from_noisy_suggestions(exponent):
-    from distlr.fit import fit_power_law
+    from distlr.core.scaling import fit_power_law
 
     rng = random.Random(0)
     sizes = [b for b in (16, 32, 64, 128, 256, 512) for _ in range(3)]
@@ -40,7 +40,7 @@ def test_the_fit_recovers_a_known_exponent_from_noisy_suggestions(exponent):
 
 
 def test_the_fit_leaves_out_runs_without_a_suggestion_and_needs_two_sizes():
-    from distlr.fit import fit_power_law
+    from distlr.core.scaling import fit_power_law
 
     assert fit_power_law([16, 16, 32], [1e-3, None, None]) is None
     fit = fit_power_law([16, 32, 64, 64], [1e-3, None, 4e-3, math.nan])
@@ -50,13 +50,13 @@ def test_the_fit_leaves_out_runs_without_a_suggestion_and_needs_two_sizes():
 @pytest.mark.parametrize("size, world, micro, expected", [(64, 2, 8, (8, 4)), (24, 2, 8, (6, 2)), (16, 2, 8, (8, 1)),
                                                           (14, 2, 8, (7, 1)), (6, 3, 8, (2, 1))])
 def test_a_global_batch_is_split_with_the_largest_micro_batch_allowed(size, world, micro, expected):
-    from distlr.fit import split_global_batch
+    from distlr.core.scaling import split_global_batch
 
     assert split_global_batch(size, world, micro) == expected
 
 
 def test_a_size_the_ranks_cannot_form_names_the_nearest_that_can():
-    from distlr.fit import split_global_batch
+    from distlr.core.scaling import split_global_batch
 
     with pytest.raises(ValueError, match="15 cannot be formed by 2 ranks .* the nearest that can: 14 or 16"):
         split_global_batch(15, 2, 8)
@@ -90,7 +90,7 @@ def sweep(out: Path) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with _finder(model, optimizer) as finder:
         before = fingerprint(model, optimizer)
-        result = finder.sweep([16, 32, 64], repeats=2, target_global_batch_size=1024, **SWEEP)
+        result = finder.series([16, 32, 64], repeats=2, target_global_batch_size=1024, **SWEEP)
         return {"sweep": result.to_dict(), "before": digest(before), "after_each": finder.after_each,
                 "after": state_digest(model, optimizer)}
 
@@ -108,7 +108,7 @@ def fsdp2(out: Path) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with _finder(model, optimizer) as finder:
         before = state_digest(model, optimizer)
-        result = finder.sweep([16, 32], repeats=1, **SWEEP)
+        result = finder.series([16, 32], repeats=1, **SWEEP)
         return {"sweep": result.to_dict(), "before": before, "after_each": finder.after_each}
 
 
@@ -118,7 +118,7 @@ def diverging(out: Path) -> dict:
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with _finder(model, optimizer) as finder:
-        result = finder.sweep([16, 32], repeats=1, min_lr=1e3, max_lr=1e5, num_steps=10)
+        result = finder.series([16, 32], repeats=1, min_lr=1e3, max_lr=1e5, num_steps=10)
     return {"sweep": result.to_dict()}
 
 
@@ -131,7 +131,7 @@ def refused(out: Path) -> dict:
         for name, kwargs in {"odd": dict(global_batch_sizes=[16, 15]), "repeats": dict(repeats=0),
                              "accumulation": dict(global_batch_sizes=[16], accumulation_steps=2)}.items():
             try:
-                finder.sweep(**kwargs, **SWEEP)
+                finder.series(**kwargs, **SWEEP)
                 errors[name] = None
             except ValueError as e:
                 errors[name] = str(e)
@@ -192,36 +192,43 @@ def test_impossible_sizes_and_arguments_are_refused_before_any_run_on_every_rank
     errors = ranks[0]
     assert "15 cannot be formed by 2 ranks" in errors["odd"] and "14 or 16" in errors["odd"]
     assert "repeats=0 is not allowed" in errors["repeats"]
-    assert "accumulation_steps comes from each global batch size's split" in errors["accumulation"]
+    assert "accumulation_steps with global_batch_sizes" in errors["accumulation"]
+    assert "leave accumulation_steps out" in errors["accumulation"]
     assert errors["runs"] == 0
 
 
-def test_the_cli_writes_sweep_json_and_sweep_png_under_torchrun(tmp_path):
+def test_the_cli_writes_series_json_and_series_png_under_torchrun(tmp_path):
     out = tmp_path / "run"
     job = torchrun(["-m", "distlr", "--config", "configs/sweep-demo.yaml", "--num-steps", "30",
                     "--global-batch-sizes", "16,32", "--output-dir", str(out), "--no-progress"], nproc=2)
     assert job.returncode == 0, job.explain()
-    sweep = json.loads((out / "sweep.json").read_text())
+    sweep = json.loads((out / "series.json").read_text())
     assert len(sweep["runs"]) == 4 and sweep["world_size"] == 2
     assert {r["result"]["world_size"] for r in sweep["runs"]} == {2}
     assert "fit: " in job.output and "global batch | micro x ranks x accum" in job.output
-    assert (out / "sweep.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "series.png").read_bytes().startswith(b"\x89PNG")
     assert not (out / "result.json").exists()
 
 
-def test_find_optimal_lr_with_repeats_returns_the_geometric_mean_with_its_spread():
-    from distlr import find_optimal_lr
+def test_find_optimal_lr_with_repeats_returns_the_geometric_mean_of_the_series():
+    from distlr import LRFinder, find_optimal_lr
 
+    def loader():
+        return DataLoader(regression_data(n=1024), batch_size=16, shuffle=True)
+
+    sweep = dict(repeats=3, min_lr=1e-4, max_lr=10.0, num_steps=40)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     before = state_digest(model, optimizer)
-    lr = find_optimal_lr(model, DataLoader(regression_data(n=1024), batch_size=16, shuffle=True), optimizer=optimizer,
-                         criterion=mse, device="cpu", repeats=3, min_lr=1e-4, max_lr=10.0, num_steps=40)
-    found = [r.result.optimal_lr for r in lr.sweep.runs if r.result.optimal_lr is not None]
-    assert len(lr.sweep.runs) == 3 and lr.spread.answered == len(found) >= 1
-    assert float(lr) == pytest.approx(math.exp(sum(map(math.log, found)) / len(found)), rel=1e-12)
-    assert lr.spread.min == min(found) and lr.spread.max == max(found)
-    assert state_digest(model, optimizer) == before
+    lr = find_optimal_lr(model, loader(), optimizer=optimizer, criterion=mse, device="cpu", **sweep)
+    assert type(lr) is float and state_digest(model, optimizer) == before
+    # The same three range tests by hand: the spread is on the series.
+    with LRFinder(model, loader(), optimizer, mse, device="cpu") as finder:
+        series = finder.series(None, **sweep)
+    found = [r.result.optimal_lr for r in series.runs if r.result.optimal_lr is not None]
+    [spread] = series.spreads().values()
+    assert len(series.runs) == 3 and spread.answered == len(found) >= 1
+    assert lr == pytest.approx(math.exp(sum(map(math.log, found)) / len(found)), rel=1e-12) == spread.geometric_mean
 
 
 @scenarios
@@ -235,11 +242,11 @@ def zero(out: Path) -> dict:
     loader = DataLoader(regression_data(n=1024), batch_size=8, shuffle=True)
     with LRFinder(engine, loader, None, mse) as finder:
         try:
-            finder.sweep([16, 32], **SWEEP)
+            finder.series([16, 32], **SWEEP)
             refused = None
         except ValueError as e:
             refused = str(e)
-        sweep = finder.sweep([16], repeats=2, **SWEEP)
+        sweep = finder.series([16], repeats=2, **SWEEP)
     return {"refused": refused, "sweep": sweep.to_dict()}
 
 
@@ -260,7 +267,7 @@ def test_repeats_alone_keep_the_finders_accumulation():
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with LRFinder(model, DataLoader(regression_data(n=512), batch_size=8), optimizer, mse, device="cpu") as finder:
-        sweep = finder.sweep(repeats=2, accumulation_steps=2, **SWEEP)
+        sweep = finder.series(repeats=2, accumulation_steps=2, **SWEEP)
     assert [(r.global_batch_size, r.micro_batch_size, r.accumulation_steps) for r in sweep.runs] == [(16, 8, 2)] * 2
     assert {r.result.global_batch_size for r in sweep.runs} == {16}
 
@@ -276,5 +283,5 @@ def test_a_loader_with_a_sampler_of_its_own_is_refused_before_any_run():
     before = state_digest(model)
     with LRFinder(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), mse, device="cpu") as finder:
         with pytest.raises(ValueError, match="would drop its WeightedRandomSampler; pass a DataLoader with shuffle"):
-            finder.sweep([8, 16], **SWEEP)
+            finder.series([8, 16], **SWEEP)
     assert state_digest(model) == before

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from distlr.core.analysis import build_result
+from distlr.core.history import History
+from distlr.core.options import RangeTestArgs
 from distlr.core.rules import still_open
 from distlr.cli.build import build_model
 from distlr.cli.corpus import byte_tokens, demo_text
@@ -41,10 +43,7 @@ def analysis_ms(n: int) -> list[float]:
     times = []
     for _ in range(REPEATS):
         start = time.perf_counter()
-        build_result(lrs=lrs, losses=losses, smoothed=smoothed, stop_reason="completed", diverged_at=None,
-                     min_lr=lrs[0], max_lr=lrs[-1], num_steps=n, smooth_factor=0.98,
-                     suggestion_method="steepest_gradient", step_mode="exp", world_size=1, micro_batch_size=16,
-                     accumulation_steps=1, elapsed_s=0.0)
+        build_result(History(lrs, losses, smoothed), RangeTestArgs(min_lr=lrs[0], max_lr=lrs[-1], num_steps=n))
         times.append((time.perf_counter() - start) * 1e3)
     return times
 

@@ -152,14 +152,14 @@ def distlr_numbers(c: Curve, *, val_every: int | None = None) -> dict[str, Any]:
     """What ``LRFinder.find`` would hand the user for this curve: the real analysis, without a
     validation loss (the defaults), or with the one recorded, every ``val_every`` steps."""
     from distlr.core.analysis import build_result
+    from distlr.core.history import History
+    from distlr.core.options import RangeTestArgs
 
     steps = [s for s in c.val_steps if val_every is not None and (s + 1) % val_every == 0]
     by_step = dict(zip(c.val_steps, c.val_losses))
-    r = build_result(lrs=c.lrs, losses=c.losses, smoothed=c.smoothed, stop_reason=c.stop_reason,
-                     diverged_at=c.diverged_at, min_lr=c.min_lr, max_lr=c.max_lr, num_steps=c.num_steps,
-                     smooth_factor=0.98, suggestion_method="steepest_gradient", step_mode="exp", world_size=1,
-                     micro_batch_size=None, accumulation_steps=1, elapsed_s=0.0, extended_steps=c.extended_steps,
-                     val_steps=steps, val_losses=[by_step[s] for s in steps])
+    history = History(c.lrs, c.losses, c.smoothed, stop_reason=c.stop_reason, diverged_at=c.diverged_at,
+                      extended_steps=c.extended_steps, val_steps=steps, val_losses=[by_step[s] for s in steps])
+    r = build_result(history, RangeTestArgs(min_lr=c.min_lr, max_lr=c.max_lr, num_steps=c.num_steps))
     out = {"optimal_lr": r.optimal_lr, "peak_lr": r.peak_lr,
            "wsd_lr": None if r.schedule is None else r.schedule.get("wsd", {}).get("plateau_lr"),
            "band": r.confidence,

@@ -4,7 +4,7 @@
 
 Two measurements: ``python -m distlr`` end to end as a user runs it (wall time of the whole
 process, median of several), and the same path replayed in one process with a timer around
-each phase (imports, model, data, finder, first step, the rest of the sweep, outputs).
+each phase (imports, model, data, finder, first step, the rest of the range test, outputs).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def phases() -> dict[str, float]:
     logger = logging.getLogger("distlr")
     logger.setLevel(logging.INFO)
     logger.addHandler(FirstStep())
-    result = finder.find(**cfg.sweep.as_dict(), log_every=1)
+    result = finder.find(**cfg.range_test.as_dict(), log_every=1)
     mark(f"other {result.steps_run - 1} steps + restore")
     out = Path(tempfile.mkdtemp())
     write_atomic(out / RESULT_FILE, result.to_json())

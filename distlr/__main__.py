@@ -79,7 +79,7 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
         if cfg.fsdp:
             from distlr.backends.fsdp import shard
 
-            built.model = shard(built.model.to(ctx.device), ctx, amp=cfg.sweep.amp)
+            built.model = shard(built.model.to(ctx.device), ctx, amp=cfg.range_test.amp)
         optimizer, ds_config = build_trainable(cfg, built.model)
         with LRFinder(built.model, loader, optimizer, device=ctx.device, snapshot=cfg.snapshot,
                       snapshot_dir=cfg.snapshot_dir, find_unused_parameters=cfg.find_unused_parameters,

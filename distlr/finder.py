@@ -266,10 +266,10 @@ class LRFinder:
         # Every rank checks its arguments, and the ranks compare them, before any step.
         with D.agree_on_failure(self.ctx):
             args = RangeTestArgs(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, smooth_factor=smooth_factor,
-                             divergence_threshold=divergence_threshold, suggestion_method=suggestion_method,
-                             step_mode=step_mode, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
-                             amp=amp, total_steps=total_steps, extend_range=extend_range, val_every=val_every,
-                             val_batches=val_batches)
+                                 divergence_threshold=divergence_threshold, suggestion_method=suggestion_method,
+                                 step_mode=step_mode, accumulation_steps=accumulation_steps,
+                                 max_grad_norm=max_grad_norm, amp=amp, total_steps=total_steps, extend_range=extend_range, val_every=val_every,
+                                 val_batches=val_batches)
             check_display_args(progress=progress, log_every=log_every)
             if val_loader is not None:
                 check_loader(val_loader, name="val_loader")
@@ -290,13 +290,14 @@ class LRFinder:
         start = time.perf_counter()
         with sigterm_as_interrupt():
             snapshot = self._take_snapshot(backend)
-            stream = BatchStream(self.train_dataloader, warn=None if reporter is None else reporter.warn,
+            # Rank 0 speaks for all: every rank cycles its own shard, and N copies of a line say no more.
+            stream = BatchStream(self.train_dataloader, warn=reporter.warn if reporter else lambda message: None,
                                  keep=backends.loader_keeper(self._spec))
             try:
                 validation = None if val_loader is None else Validation(
                     read_fixed_batches(val_loader, args.val_batches, self.ctx), args.val_every)
                 history = run_range_test(backend, stream, ladder, tracker, self.ctx, reporter=reporter,
-                                    extend=still_open if args.extend_range else None, validation=validation)
+                                         extend=still_open if args.extend_range else None, validation=validation)
             finally:
                 stream.close()
                 if reporter is not None:

@@ -1,5 +1,5 @@
 """A training script written for Hugging Face Accelerate: ``LRFinder.from_accelerator`` with what
-``accelerator.prepare`` returned, under torchrun with 2 ranks. The sweep goes through the
+``accelerator.prepare`` returned, under torchrun with 2 ranks. The range test goes through the
 accelerator (backward, autocast, the prepared optimizer) and records the curve one process
 records with the same global batch; afterwards the script's own loop trains on exactly as if
 no sweep had run."""
@@ -71,7 +71,7 @@ def equivalence(out: Path, accumulation: str, accelerator_accumulation: str) -> 
     if theirs > 1:
         # The script is midway through its own accumulation: one micro-batch's gradient is
         # there, and the accelerator says gradients are not synced (so its optimizer's step and
-        # zero_grad do nothing). The sweep must start from clean gradients all the same.
+        # zero_grad do nothing). The range test must start from clean gradients all the same.
         x, y = next(iter(loader))
         with accelerator.accumulate(model):
             accelerator.backward(mse(model(x), y))
@@ -88,7 +88,7 @@ def equivalence(out: Path, accumulation: str, accelerator_accumulation: str) -> 
 
 @scenarios
 def script(out: Path, sweep: str) -> dict:
-    """The script trains 3 steps, sweeps (or not), then trains 4 more: with the sweep, the 4
+    """The script trains 3 steps, sweeps (or not), then trains 4 more: with the range test, the 4
     losses must be the ones without it, and everything it owns must be as it was."""
     from distlr import LRFinder
 
@@ -108,7 +108,7 @@ def script(out: Path, sweep: str) -> dict:
 
 @scenarios
 def bf16(out: Path) -> dict:
-    """An accelerator set to bf16: the sweep runs in bf16 through ``accelerator.autocast``, and an
+    """An accelerator set to bf16: the range test runs in bf16 through ``accelerator.autocast``, and an
     ``amp`` that contradicts it is refused before any step, naming both."""
     from distlr import LRFinder
 
@@ -195,7 +195,7 @@ def test_the_accelerator_records_the_curve_of_one_process_with_the_global_batch(
 def test_the_scripts_own_loop_trains_on_as_if_no_sweep_had_run(accelerate_job):
     swept, plain = read_ranks(accelerate_job, "script:yes"), read_ranks(accelerate_job, "script:no")
     for rank in range(2):
-        assert swept[rank]["result"]["losses"], "the sweep recorded no curve"
+        assert swept[rank]["result"]["losses"], "the range test recorded no curve"
         before_sweep, after_sweep = swept[rank]["state"]
         assert after_sweep == before_sweep
         assert swept[rank]["same_digest"]

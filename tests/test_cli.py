@@ -127,3 +127,28 @@ def test_text_files_are_tokenized_and_packed(tmp_path):
     out = tmp_path / "out"
     assert main([*FAST, "--data", str(corpus), "--output-dir", str(out)]) == 0
     assert LRFinderResult.from_json((out / "result.json").read_text()).steps_run >= 2
+
+
+def test_the_cli_writes_the_result_the_api_returns_field_by_field(tmp_path):
+    """One writer: result.json is ``result.to_dict()`` of the same run through the API, plus
+    the command line's own key."""
+    from distlr import LRFinder
+    from distlr.cli.build import build, build_dataloader, build_trainable, seed_everything
+    from distlr.cli.parse import parse_cli
+
+    argv = ["--num-steps", "30", "--batch-size", "8", "--output-dir", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 0
+    written = json.loads((tmp_path / "run" / "result.json").read_text())
+    cli = written.pop("cli")
+    assert cli["inputs"]["source"].startswith("demo text") and isinstance(cli["notes"], list)
+
+    cfg = parse_cli(argv)
+    seed_everything(cfg.seed)
+    built = build(cfg.model, seq_len=cfg.seq_len)
+    loader, _ = build_dataloader(cfg, built)
+    optimizer, _ = build_trainable(cfg, built.model)
+    with LRFinder(built.model, loader, optimizer, device="cpu", data_seed=cfg.seed) as finder:
+        api = finder.find(**cfg.find_args(), progress=False).to_dict()
+    assert set(written) == set(api)
+    differ = [key for key in api if key != "elapsed_s" and written[key] != api[key]]
+    assert differ == [], {key: (written[key], api[key]) for key in differ}

@@ -17,8 +17,8 @@ def test_yaml_values_are_coerced_and_flags_win(tmp_path):
     # PyYAML reads 1e-6 (no dot) as a string: it must still become a float.
     path = write(tmp_path, "min_lr: 1e-6\nmax_lr: 0.5\nnum_steps: 20\nsmooth_factor: 0\noverwrite: true\n")
     cfg = parse_cli(["--config", path, "--num-steps", "30", "--max_lr", "2"])
-    assert cfg.sweep.min_lr == 1e-6 and cfg.sweep.max_lr == 2.0 and cfg.sweep.num_steps == 30
-    assert cfg.sweep.smooth_factor == 0.0 and cfg.overwrite is True
+    assert cfg.range_test.min_lr == 1e-6 and cfg.range_test.max_lr == 2.0 and cfg.range_test.num_steps == 30
+    assert cfg.range_test.smooth_factor == 0.0 and cfg.overwrite is True
 
 
 def test_unknown_yaml_key_names_the_closest_valid_key(tmp_path):

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-1/2/3 on CPU (gloo, 2 ranks, launched with torchrun): the curve, the agreement
-between ranks, the engine built from a config with the sweep's arguments, HF GPT-2 under ZeRO-3,
+between ranks, the engine built from a config with the range test's arguments, HF GPT-2 under ZeRO-3,
 "auto" configs and the tuned config, bad DeepSpeed input.
 
 One launch runs most scenarios (a launch costs seconds of imports); DeepSpeed's op compilation
@@ -129,7 +129,7 @@ def auto_from_find(out: Path) -> dict:
 
 @scenarios
 def user_engine(out: Path) -> dict:
-    """The user's own engine, with its own LR scheduler: set aside for the sweep, then back."""
+    """The user's own engine, with its own LR scheduler: set aside for the range test, then back."""
     model = mlp()
     config = ds_config(2, gradient_clipping=0.0,
                        scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.05,

@@ -34,7 +34,7 @@ def test_a_range_ending_while_the_loss_falls_goes_on_until_it_turns_up():
     assert result.lrs[29] == 0.1 and result.lrs[-1] > 0.1
     ratio = result.lrs[29] / result.lrs[28]
     assert result.lrs[30] / result.lrs[29] == pytest.approx(ratio, rel=1e-9)
-    # It ended because the loss turned up or the sweep diverged, well before the cap.
+    # It ended because the loss turned up or the range test diverged, well before the cap.
     assert result.lrs[-1] < 10 * 0.1
     assert result.optimal_lr is not None and result.optimal_lr > 0.1 / 10
     note = next(n for n in result.range_notes if "had not turned up by max_lr" in n)

@@ -1,4 +1,4 @@
-"""The Python API in one process: the sweep, the stop, the suggestion and the exact restore."""
+"""The Python API in one process: the range test, the stop, the suggestion and the exact restore."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Backends: one process, DDP, FSDP2 (each rank keeps and restores its own shards), ZeRO-1/2/3.
 
-After the sweep, each rank's parameters, buffers, gradients, optimizer state and param-group
+After the range test, each rank's parameters, buffers, gradients, optimizer state and param-group
 settings, LR scheduler, GradScaler (DeepSpeed: partitions, fp32 masters, loss scaler and step
 counters), train/eval flags and RNG streams are bit-identical to what they were before it.
 
@@ -75,7 +75,7 @@ def cell(out: Path, backend: str, exit_path: str, snapshot: str) -> dict:
         warm_up(model if backend == "fsdp2" else inner, optimizer, loader)
         scheduler.step()
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-        inner.eval()  # the sweep trains; the user's eval mode must come back
+        inner.eval()  # the range test trains; the user's eval mode must come back
         finder = LRFinder(model, loader, optimizer, nn.MSELoss(), device="cpu", lr_scheduler=scheduler,
                           grad_scaler=scaler, snapshot=snapshot, snapshot_dir=snap_dir)
 

@@ -1,6 +1,6 @@
 """Suggestion rules on fixed curves whose right answer is known: one test per failure users hit.
 
-Pure: numpy only. Each curve is raw losses on a ladder; ``Curve.of`` adds the EMA the sweep
+Pure: numpy only. Each curve is raw losses on a ladder; ``Curve.of`` adds the EMA the range test
 would have recorded (smooth_factor 0.98, the default), so the rules see what they see in a run.
 """
 
@@ -128,7 +128,7 @@ def test_a_noisy_curve_with_a_real_descent_gets_an_answer(seed):
 
 
 def test_a_loss_that_blows_up_and_then_collapses_is_read_only_up_to_the_blow_up():
-    # The sweep's EMA rode out a spike past the minimum (no divergence stop), after which the
+    # The range test's EMA rode out a spike past the minimum (no divergence stop), after which the
     # model collapsed to a loss below anything the real descent reached (seen on a CNN with AdamW
     # at lr 1-10 and an MLP at batch 2). The pick must come from before the spike near 1.
     lrs = np.geomspace(1e-7, 10.0, 100)
@@ -192,7 +192,7 @@ def test_minimum_below_min_lr_is_refused_not_invented():
     losses = np.concatenate([np.linspace(3.0, 1.0, 8), np.linspace(1.1, 4.0, 92)])
     result = minimum(Curve.of(lrs, losses, losses))
     assert result.lr is None
-    assert "below the lowest lr the sweep tried" in result.reason and "lower min_lr" in result.reason
+    assert "below the lowest lr the range test tried" in result.reason and "lower min_lr" in result.reason
 
 
 def test_minimum_is_the_ladder_point_at_or_below_a_tenth_of_the_minimum():
@@ -363,7 +363,7 @@ def test_no_suggestion_when_the_loss_never_fell(rule, losses):
     elif losses[0] == losses[-1]:
         assert "does not respond to the LR" in result.reason
     else:  # rising from the first point: turned up before the range began
-        assert "below the lowest lr the sweep tried" in result.reason and "lower min_lr" in result.reason
+        assert "below the lowest lr the range test tried" in result.reason and "lower min_lr" in result.reason
 
 
 @pytest.mark.parametrize("rule", list(SUGGESTION_RULES))

@@ -160,5 +160,5 @@ def check_batch_splits(spec: BackendSpec, accumulations: set[int]) -> None:
     if len(accumulations) > 1 or (fixed is not None and accumulations != {fixed}):
         built = f"accumulates {fixed} micro-batch(es) a step" if fixed is not None else "is built for one accumulation"
         raise ValueError(f"global_batch_sizes: these sizes need {sorted(accumulations)} accumulation steps, but the "
-                         f"DeepSpeed engine {built}; sweep sizes with that one split (repeats work) or run one job "
-                         "per size")
+                         f"DeepSpeed engine {built}; keep to sizes with that one split (repeats work) or run one "
+                         "job per size")

@@ -1,7 +1,7 @@
-"""What every backend offers the sweep, and the pieces they share.
+"""What every backend offers the range test, and the pieces they share.
 
-A backend runs one optimizer step of the sweep on one kind of model (plain or DDP, a DeepSpeed
-engine, ...). The facade and the sweep loop talk to it only through ``Backend``.
+A backend runs one optimizer step of the range test on one kind of model (plain or DDP, a DeepSpeed
+engine, ...). The facade and the range-test loop talk to it only through ``Backend``.
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ NUM_STATS = 4
 class Backend(Protocol):
     """One training step at a chosen LR on one kind of model, plus the state it must put back.
 
-    ``make_backend`` builds it once, on the first ``find()``, knowing that sweep's arguments;
+    ``make_backend`` builds it once, on the first ``find()``, knowing that range test's arguments;
     every later ``find()`` goes through ``configure`` first.
     """
 
     accumulation_steps: int
-    """Micro-batches per optimizer step (the sweep takes this many batches a step)."""
+    """Micro-batches per optimizer step (the range test takes this many batches a step)."""
     micro_batch_size: int | None
     """Samples per rank per micro-batch, known after the first step (for the global batch size)."""
     notes: list[str]
-    """What the user should be told about how the backend runs the sweep."""
+    """What the user should be told about how the backend runs the range test."""
     total_steps_hint: int | None
     """The training length the backend's own config names (for the schedule), or None."""
 
@@ -51,7 +51,7 @@ class Backend(Protocol):
 
     def train_step(self, micro_batches: Sequence[Any], step: int) -> torch.Tensor:
         """Forward, backward and one optimizer step; the packed statistics (``LOSS_SUM`` ...)
-        on the device, not yet read (the sweep's one all-reduce does that)."""
+        on the device, not yet read (the range test's one all-reduce does that)."""
 
     def eval_loss(self, batches: Sequence[Any]) -> torch.Tensor:
         """The packed statistics (``LOSS_SUM``, ``ITEMS``) of a forward pass over ``batches``

@@ -131,7 +131,7 @@ class DDPSync:
 
 
 class TorchBackend:
-    """One sweep step on a plain or DDP-wrapped model.
+    """One range-test step on a plain or DDP-wrapped model.
 
     Args:
         spec: what ``LRFinder`` was given; a missing optimizer becomes AdamW over the
@@ -171,7 +171,7 @@ class TorchBackend:
             if precision is not None and args.amp not in ("no", precision):
                 allowed = "amp='no'" if precision == "no" else f"amp='no' or amp={precision!r}"
                 raise ValueError(f"amp={args.amp!r} but {who.format(precision)}; pass {allowed}")
-        self.micro_batch_size = None  # measured again: a sweep may change the loader between finds
+        self.micro_batch_size = None  # measured again: a series may change the loader between finds
         fixed = self._sync.precision or self._ops.precision
         self._ops.configure("no" if fixed else args.amp, self.device)  # a fixed precision casts by itself
         self.max_grad_norm, self.accumulation_steps = args.max_grad_norm, args.accumulation_steps

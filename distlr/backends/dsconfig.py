@@ -1,9 +1,9 @@
-"""DeepSpeed configs: reading the user's, preparing the sweep's copy, writing the tuned one.
+"""DeepSpeed configs: reading the user's, preparing the range test's copy, writing the tuned one.
 
 Pure dict work (no engine, no I/O but reading the file): unknown keys get a warning naming
 the closest valid key, the ``"auto"`` values that the Hugging Face integration writes are
 resolved from the run's settings (or fail naming the key), the config's own ``scheduler`` is
-set aside for the sweep, and the tuned copy carries the suggested LR and a schedule.
+set aside for the range test, and the tuned copy carries the suggested LR and a schedule.
 """
 
 from __future__ import annotations
@@ -132,9 +132,9 @@ def auto_values(
 
 
 def sweep_config(config: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    """The copy of the user's config the sweep's engine is built from.
+    """The copy of the user's config the range test's engine is built from.
 
-    The ``scheduler`` block is set aside (the sweep sets the LR itself; a scheduler stepping
+    The ``scheduler`` block is set aside (the range test sets the LR itself; a scheduler stepping
     inside ``engine.step()`` would overwrite it) and ``"auto"`` values are resolved. The
     scheduler's own "auto" values are not needed and are not resolved.
     """

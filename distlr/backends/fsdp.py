@@ -1,7 +1,7 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``): a model whose parameters are DTensors
 sharded over the ranks.
 
-The sweep runs such a model as it is (no DDP wrapper): the micro-batch loop of
+The range test runs such a model as it is (no DDP wrapper): the micro-batch loop of
 ``distlr.backends.ddp.TorchBackend`` with FSDP2's own gradient synchronisation (only the last
 micro-batch reduce-scatters), and the snapshot keeps each rank's local shards only
 (``distlr.train.snapshot``). ``shard`` is what the command line's ``--fsdp`` does to a Hugging Face

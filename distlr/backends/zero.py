@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-1/2/3: the engine (the user's, or built once from the user's config with the
-sweep's arguments), one step, the snapshot.
+range test's arguments), one step, the snapshot.
 
 The LR is set through the engine's optimizer param groups (effective at every stage), one
 step is DeepSpeed's own forward / ``engine.backward`` / ``engine.step`` over the micro-batches
@@ -96,7 +96,7 @@ def build_engine(
     amp: str = "no",
     weight_decay: float = 0.01,
 ) -> tuple[Any, dict[str, Any], list[str]]:
-    """``deepspeed.initialize`` on the user's config (as read), prepared for the sweep.
+    """``deepspeed.initialize`` on the user's config (as read), prepared for the range test.
 
     Returns:
         ``(engine, the user's config, notes for the user)``.
@@ -178,10 +178,10 @@ def engine_dtype(engine: Any) -> torch.dtype:
 
 
 class DeepSpeedBackend:
-    """One sweep step on a DeepSpeed engine (any ZeRO stage).
+    """One range-test step on a DeepSpeed engine (any ZeRO stage).
 
     The user's engine is used as it is. A model with a config gets its engine here, on the
-    first ``find()``: the config's "auto" values are resolved from that sweep's arguments
+    first ``find()``: the config's "auto" values are resolved from that range test's arguments
     (micro-batch size from the loader, accumulation, clipping, precision), as the Hugging
     Face integration resolves them from ``TrainingArguments``.
     """
@@ -199,7 +199,7 @@ class DeepSpeedBackend:
                 micro_batch_size=spec.micro_batch_hint, accumulation_steps=args.accumulation_steps,
                 max_grad_norm=args.max_grad_norm, amp=args.amp)
         if self.engine.lr_scheduler is not None or "scheduler" in self.user_config:
-            self.notes.append("the DeepSpeed scheduler was set aside for the sweep (the sweep sets the LR); "
+            self.notes.append("the DeepSpeed scheduler was set aside for the range test (which sets the LR itself); "
                               "the tuned config carries a new one")
         self.total_steps_hint = total_steps_from(self.user_config)
         self.causal_lm = is_causal_lm(self.engine.module)
@@ -280,8 +280,8 @@ class DeepSpeedBackend:
 class DeepSpeedSnapshot:
     """What a DeepSpeed engine must get back: partitions, optimizer state, counters, RNG.
 
-    The engine's own LR scheduler is taken off the engine for the sweep (``engine.step()``
-    would step it and overwrite the sweep's LR) and put back, with its state, on restore.
+    The engine's own LR scheduler is taken off the engine for the range test (``engine.step()``
+    would step it and overwrite the range test's LR) and put back, with its state, on restore.
     """
 
     def __init__(self, engine: Any, mode: SnapshotMode, directory: Path, ctx: D.DistContext, *,

@@ -263,12 +263,12 @@ def _check_ids(cfg: RunConfig, tokens: torch.Tensor, model: nn.Module) -> None:
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer a config names, over the trainable parameters (its LR is set by the sweep)."""
+    """The optimizer a config names, over the trainable parameters (its LR is set by the range test)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.sweep.min_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.range_test.min_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return kind(params, lr=cfg.sweep.min_lr, weight_decay=cfg.weight_decay)
+    return kind(params, lr=cfg.range_test.min_lr, weight_decay=cfg.weight_decay)
 
 
 def build_trainable(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optimizer | None, dict | None]:
@@ -278,7 +278,7 @@ def build_trainable(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optim
     A DeepSpeed config with its own ``optimizer`` block keeps it (no torch optimizer is made);
     otherwise ``--optimizer`` is used. ``--weight-decay`` fills the block's "auto" weight decay,
     as ``TrainingArguments.weight_decay`` does in the Hugging Face integration; ``LRFinder``
-    resolves the other "auto" values from the sweep.
+    resolves the other "auto" values from the range test's arguments.
     """
     if cfg.deepspeed is None:
         return build_optimizer(cfg, model), None

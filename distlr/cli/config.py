@@ -1,9 +1,9 @@
 """The command line's configuration: every key, its default, its check.
 
-``RunConfig`` is the CLI's whole configuration: the sweep's ``RangeTestArgs`` (checked there, once)
+``RunConfig`` is the CLI's whole configuration: the range test's ``RangeTestArgs`` (checked there, once)
 and what the CLI builds and where it writes. Defaults < YAML file < command line; unknown keys
 are rejected with the closest valid name; every value is checked with a message naming the
-field, the value and what is allowed. A config file is flat: the sweep's keys sit beside the
+field, the value and what is allowed. A config file is flat: the range test's keys sit beside the
 others.
 """
 
@@ -32,7 +32,7 @@ BUILTIN_MODELS = ("demo", "tiny-gpt", "gpt2-small")
 class RunConfig:
     """Everything ``python -m distlr`` needs. Each field's ``help`` becomes its ``--help`` text."""
 
-    sweep: RangeTestArgs = field(default_factory=RangeTestArgs, metadata={"help":
+    range_test: RangeTestArgs = field(default_factory=RangeTestArgs, metadata={"help":
         "The range test's arguments (``LRFinder.find``'s); their keys sit at the top level of a config."})
     # -- model, data, optimizer --------------------------------------------------------------
     model: str = field(default="demo", metadata={"help":
@@ -71,7 +71,7 @@ class RunConfig:
     overwrite: bool = field(default=False, metadata={"help":
         "Allow writing into an output_dir that already holds a result."})
     snapshot: SnapshotMode = field(default="memory", metadata={"help":
-        "Where the pre-sweep state is kept: memory (host RAM) or disk (a checkpoint per rank)."})
+        "Where the state from before the range test is kept: memory (host RAM) or disk (a checkpoint per rank)."})
     snapshot_dir: str | None = field(default=None, metadata={"help":
         "Directory for snapshot=disk (default: the system temp directory)."})
     find_unused_parameters: bool = field(default=False, metadata={"help":
@@ -104,14 +104,14 @@ class RunConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check every field but the sweep's (``RangeTestArgs`` checks itself); raise ValueError/
+        """Check every field but the range test's (``RangeTestArgs`` checks itself); raise ValueError/
         TypeError naming the field, the value and what is allowed."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            if f.name != "sweep":
+            if f.name != "range_test":
                 _check_type(f.name, getattr(self, f.name), hints[f.name])
-        if not isinstance(self.sweep, RangeTestArgs):
-            raise TypeError(f"sweep must be a RangeTestArgs, got {type(self.sweep).__name__}")
+        if not isinstance(self.range_test, RangeTestArgs):
+            raise TypeError(f"range_test must be a RangeTestArgs, got {type(self.range_test).__name__}")
         check_display_args(progress=self.progress, log_every=self.log_every)
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
@@ -125,10 +125,10 @@ class RunConfig:
         trackers.parse(self.report_to)
         self.batch_sizes()
         if self.is_series and self.report_to.strip().lower() not in ("", "none"):
-            raise ValueError(f"report_to={self.report_to!r} with a sweep: trackers get single range tests only, not "
-                             "sweeps yet; leave report_to out (series.json and series.png hold every run)")
+            raise ValueError(f"report_to={self.report_to!r} with a series: trackers get single range tests only, not "
+                             "series yet; leave report_to out (series.json and series.png hold every run)")
         check_series_args(self.batch_sizes(), self.repeats, self.target_global_batch_size,
-                          accumulation_given=self.sweep.accumulation_steps != 1)
+                          accumulation_given=self.range_test.accumulation_steps != 1)
         check_timeout(self.dist_timeout)
         if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
             raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed; use a number >= 0")
@@ -157,7 +157,7 @@ class RunConfig:
     def find_args(self) -> dict[str, Any]:
         """``find()``'s arguments (in a series over global batch sizes, each size's split decides
         ``accumulation_steps``: ``validate`` refused another value)."""
-        args = self.sweep.as_dict()
+        args = self.range_test.as_dict()
         if self.global_batch_sizes is not None:
             args.pop("accumulation_steps")
         return args
@@ -171,9 +171,9 @@ class RunConfig:
         return self.global_batch_sizes is not None or self.repeats > 1
 
     def to_dict(self) -> dict[str, Any]:
-        """The flat mapping a config file holds: the sweep's keys first, then the others."""
-        flat = self.sweep.as_dict()
-        flat.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sweep"})
+        """The flat mapping a config file holds: the range test's keys first, then the others."""
+        flat = self.range_test.as_dict()
+        flat.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "range_test"})
         return flat
 
     def to_saved_dict(self) -> dict[str, Any]:
@@ -191,14 +191,14 @@ class RunConfig:
                 hint = f"; did you mean {close!r}?" if close else ""
                 raise ValueError(f"unknown key {key!r} in {source}{hint} (valid keys: see `distlr --help`)")
         values = {k: coerce(k, v, types_[k]) for k, v in data.items()}
-        sweep = RangeTestArgs(**{k: v for k, v in values.items() if k in RangeTestArgs.names()})
-        return cls(sweep=sweep, **{k: v for k, v in values.items() if k not in RangeTestArgs.names()})
+        range_test = RangeTestArgs(**{k: v for k, v in values.items() if k in RangeTestArgs.names()})
+        return cls(range_test=range_test, **{k: v for k, v in values.items() if k not in RangeTestArgs.names()})
 
 
 def field_types() -> dict[str, Any]:
-    """Every key a config may hold, with its type: the sweep's and the run's."""
+    """Every key a config may hold, with its type: the range test's and the run's."""
     types_ = typing.get_type_hints(RangeTestArgs)
-    types_.update({k: v for k, v in typing.get_type_hints(RunConfig).items() if k != "sweep"})
+    types_.update({k: v for k, v in typing.get_type_hints(RunConfig).items() if k != "range_test"})
     return types_
 
 
@@ -211,7 +211,7 @@ def field_help() -> dict[str, str]:
     """Every key's ``--help`` text: the ``help`` in its field's metadata (kept in the class
     itself, so installed byte code alone serves it; the convention of HfArgumentParser)."""
     return {f.name: f.metadata.get("help", "") for cls in (RangeTestArgs, RunConfig) for f in dataclasses.fields(cls)
-            if f.name != "sweep"}
+            if f.name != "range_test"}
 
 def base_type(tp: Any) -> tuple[Any, bool]:
     """``(T, optional)`` for ``T`` or ``T | None``; a ``Literal`` of strings is ``str``."""

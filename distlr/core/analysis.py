@@ -138,7 +138,7 @@ def confidence(curve: Curve, rule: Callable[[Curve], Suggestion], *, smooth_fact
 
 def range_notes(curve: Curve, *, num_steps: int, stop_reason: str, diverged_at: int | None, max_lr: float,
                 min_lr: float, extended_steps: int) -> list[str]:
-    """What was wrong with the range the sweep tried, and what to change. Empty when nothing."""
+    """What was wrong with the range tried, and what to change. Empty when nothing."""
     notes = []
     n = len(curve)
     if stop_reason != "completed" and diverged_at is not None and diverged_at < max(

@@ -1,6 +1,6 @@
 """A recorded range-test curve, and the zero-lag view of it that the suggestion rules read.
 
-Pure math: numpy only, no torch, no I/O. The sweep keeps the seed's bias-corrected EMA of the
+Pure math: numpy only, no torch, no I/O. The range test keeps the seed's bias-corrected EMA of the
 loss for its stop decision, but an EMA with weight ``beta`` on history trails the raw losses
 by about ``1 / (1 - beta)`` points (50 at the default 0.98), which moves every "steepest"
 reading to larger LRs. ``local_linear`` is a symmetric (zero-lag) smoother instead: at every
@@ -27,7 +27,7 @@ class Curve:
     """The points of one range test that a rule may read, before divergence.
 
     ``lrs`` is the ladder (positive, strictly increasing), ``losses`` the raw global loss of
-    each step and ``smoothed`` the bias-corrected EMA the sweep recorded. All three are float64
+    each step and ``smoothed`` the bias-corrected EMA the range test recorded. All three are float64
     arrays of one length, finite.
 
     Example:
@@ -92,7 +92,7 @@ def _vector(name: str, values: Sequence[float]) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
         raise ValueError(f"{name} must be finite; {name}[{bad[0]}]={arr[bad[0]]!r} "
-                         "(cut the curve where the sweep diverged before suggesting)")
+                         "(cut the curve where the range test diverged before suggesting)")
     return arr
 
 

@@ -21,7 +21,7 @@ StepMode = Literal["exp", "linear"]
 AmpMode = Literal["no", "bf16", "fp16"]
 """Mixed precision: none, bf16 autocast, fp16 autocast with a GradScaler."""
 SnapshotMode = Literal["memory", "disk"]
-"""Where the pre-sweep state is kept."""
+"""Where the state from before the range test is kept."""
 DistBackend = Literal["auto", "nccl", "gloo"]
 """The process group backend when distlr creates the group."""
 SuggestionMethod = Literal["steepest_gradient", "valley", "minimum"]

@@ -19,7 +19,7 @@ left the result for the command line's own key of result.json (``"cli"``)."""
 class LRFinderResult:
     """The outcome of ``LRFinder.find()``.
 
-    The first nine fields are the product's fixed ones (README, "Python quick start"); the rest
+    The first nine fields are the product's fixed ones (docs/api.md); the rest
     say why the run ended and how much to trust it. Losses are the global mean over all ranks, one per optimizer step.
     ``optimal_lr`` and ``best_lr_idx`` are None when no sound suggestion exists, and then
     ``suggestion_note`` says why.
@@ -41,7 +41,7 @@ class LRFinderResult:
     suggestion_method: str
     # -- why and how it ran ------------------------------------------------------------------
     stop_reason: str = "completed"
-    """Why the sweep ended: "completed" (every step ran), "diverged" (the smoothed loss rose past
+    """Why the range test ended: "completed" (every step ran), "diverged" (the smoothed loss rose past
     the threshold) or "non_finite" (a loss was NaN/inf on some rank)."""
     diverged_at: int | None = None
     """Index of the step at which the loss diverged (it is the last recorded point), or None."""
@@ -70,11 +70,11 @@ class LRFinderResult:
     """Samples per optimizer step over all ranks, as measured (the median over the steps; a note
     says when it varied)."""
     elapsed_s: float = 0.0
-    """Wall time of the sweep, snapshot and restore included."""
+    """Wall time of the range test, snapshot and restore included."""
     notes: list[str] = field(default_factory=list)
     """Things the user was told during the run (loader cycled, steps skipped, ...)."""
     zero_stage: int | None = None
-    """The DeepSpeed ZeRO stage the sweep ran under (None without DeepSpeed)."""
+    """The DeepSpeed ZeRO stage the range test ran under (None without DeepSpeed)."""
     deepspeed_config: dict[str, Any] | None = None
     """The user's DeepSpeed config with the suggested lr and a scheduler (ds_config.tuned.json)."""
     provenance: dict[str, Any] = field(default_factory=dict)

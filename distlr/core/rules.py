@@ -2,8 +2,8 @@
 
 Pure math: numpy only, no torch, no I/O. Every rule has one signature, ``rule(curve) ->
 Suggestion``, where ``curve`` (a ``distlr.curve.Curve``) holds the ladder, the raw losses and the
-recorded EMA, already cut where the sweep diverged. Every rule answers with a learning rate the
-sweep actually tried (a point of the ladder) or says why it has none.
+recorded EMA, already cut where the range test diverged. Every rule answers with a learning rate the
+range test actually tried (a point of the ladder) or says why it has none.
 
 The default reads one thing: where the loss turns up (``rise_onset``). The constants below were
 set by leave-one-family-out cross-validation on the suggestion benchmark
@@ -41,7 +41,7 @@ least ``MIN_WIDTH``. Held out on the benchmark (tuning.md), 0.02 read the turn-u
 protocols 0.96 against 0.98, 1.17 and 1.31."""
 
 MIN_WIDTH = 1.5
-"""Narrowest smoothing kernel, in points (short sweeps of 30 points still average ~5 raw losses)."""
+"""Narrowest smoothing kernel, in points (short range tests of 30 points still average ~5 raw losses)."""
 
 SIGNIFICANCE_WIDENING = 3.0
 """Whether the loss fell is also read on a smoothing this many times wider: at a minimum in the
@@ -189,7 +189,7 @@ def blow_up(curve: Curve) -> int | None:
     The blow-up is the first point at which the zero-lag trend climbs back above its level at
     the start by more than it had fallen and by ``NOISE_FACTOR`` noise standard deviations.
     Past it training at these LRs has failed, and a loss that falls again further on (a model
-    collapsing to a degenerate state at a huge LR, a spike the sweep's lagging EMA rode out) is
+    collapsing to a degenerate state at a huge LR, a spike the range test's lagging EMA rode out) is
     not a descent to read, however low it goes. The cut is made only when the loss does fall
     below its earlier minimum after the blow-up.
     """
@@ -299,7 +299,7 @@ def minimum(curve: Curve) -> Suggestion:
     """Suggest the LR of the lowest smoothed loss divided by ``MINIMUM_DIVISOR`` (10).
 
     fastai's ``minimum`` on the recorded EMA, taken as the ladder point at or just below the
-    tenth, so that the answer is an LR the sweep tried. When the tenth lies below ``min_lr``
+    tenth, so that the answer is an LR the range test tried. When the tenth lies below ``min_lr``
     there is no such point, and the rule says to lower ``min_lr``.
 
     Example:
@@ -336,8 +336,8 @@ def at_or_below(curve: Curve, target: float, *, what: str) -> Suggestion:
     index = bisect.bisect_right(curve.lrs.tolist(), target * (1.0 + 1e-9)) - 1
     if index < 0:
         return _no_suggestion(
-            f"{what} is lr={target:.3g}, below the lowest lr the sweep tried ({curve.lrs[0]:.3g}); "
-            "lower min_lr so the sweep starts before the loss falls"
+            f"{what} is lr={target:.3g}, below the lowest lr the range test tried ({curve.lrs[0]:.3g}); "
+            "lower min_lr so the range test starts before the loss falls"
         )
     return Suggestion(lr=float(curve.lrs[index]), index=index, reason=None)
 

@@ -1,4 +1,4 @@
-"""Pure math for batch-size sweeps: how a learning rate scales with the global batch size, and
+"""Pure math for batch-size series: how a learning rate scales with the global batch size, and
 how the global batch is split into micro-batches, ranks and accumulation. numpy only, no I/O.
 
 The fit is ``lr = coefficient * B ** exponent``, least squares on ``log lr`` against ``log B``
@@ -139,7 +139,7 @@ def split_global_batch(global_batch_size: int, world_size: int, max_micro_batch:
 
 @dataclass
 class SeriesRun:
-    """One range test of a sweep: its global batch, how it was split, its data seed, its result."""
+    """One range test of a series: its global batch, how it was split, its data seed, its result."""
 
     global_batch_size: int
     repeat: int
@@ -156,7 +156,7 @@ class SeriesRun:
 
 @dataclass
 class SeriesResult:
-    """Every run of a sweep, each batch size's spread over repeats, and the power-law fit of the
+    """Every run of a series, each batch size's spread over repeats, and the power-law fit of the
     suggestion against the global batch size."""
 
     runs: list[SeriesRun]

@@ -16,7 +16,7 @@ import numpy as np
 
 
 class StopReason(str, enum.Enum):
-    """Why a sweep ended. A ``str``, so results compare and serialise as the plain words."""
+    """Why a range test ended. A ``str``, so results compare and serialise as the plain words."""
 
     COMPLETED = "completed"
     """Every step of the ladder ran."""
@@ -59,7 +59,7 @@ WARMUP_STEPS = 5
 bias-corrected EMA of the first few batches is their noise alone (on the suggestion benchmark a
 fine-tuned classifier whose batches' losses ranged over 0.05-1.5 "diverged" at step 2 against
 its first batch, and at step 6 against the best of its first five). A loss that is not finite
-stops the sweep at any step. keras_lr_finder waits for batch > 5 alike."""
+stops the range test at any step. keras_lr_finder waits for batch > 5 alike."""
 
 
 @dataclass

@@ -65,7 +65,7 @@ def communication(ctx: DistContext, what: str, step: int | None = None) -> Itera
         at = "" if step is None else f" of step {step + 1}"  # counted from 1, as the progress log counts
         raise CollectiveError(
             f"rank {ctx.rank}: the {what}{at} failed; another rank died, hung past the collective timeout "
-            f"or left the sweep (look for its own error above): {err}"
+            f"or left the range test (look for its own error above): {err}"
         ) from err
 
 
@@ -163,7 +163,7 @@ def agree_on_arguments(ctx: DistContext, what: str, values: dict[str, Any]) -> N
     """Every rank must have passed the same ``values``; if not, every rank raises the same
     ValueError naming each argument that differs and each rank's value.
 
-    Arguments that differ between ranks would make the ranks run different sweeps: one would
+    Arguments that differ between ranks would make the ranks run different range tests: one would
     wait in a collective that another never reaches. Collective: every rank must call this,
     in the same order.
     """

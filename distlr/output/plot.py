@@ -104,7 +104,7 @@ def _limit_y(ax, result: LRFinderResult) -> None:
     ax.set_ylim(low - 0.05 * span, high + 0.25 * span)
 
 
-def plot_series(sweep: SeriesResult, output_path: str | Path) -> Path:
+def plot_series(series: SeriesResult, output_path: str | Path) -> Path:
     """Two panels: the smoothed curves overlaid, one colour per global batch size (each repeat
     a line); and log-log suggested LR against global batch size, with the fit and the
     square-root (0.5) and linear (1) scaling lines through the fit's middle.
@@ -118,10 +118,10 @@ def plot_series(sweep: SeriesResult, output_path: str | Path) -> Path:
     fig = Figure(figsize=(12, 5), dpi=110)
     FigureCanvasAgg(fig)
     curves, scaling = fig.subplots(1, 2)
-    sizes = sorted({run.global_batch_size for run in sweep.runs})
+    sizes = sorted({run.global_batch_size for run in series.runs})
     colours = {b: f"C{i % 10}" for i, b in enumerate(sizes)}
     labelled: set[int] = set()
-    for run in sweep.runs:
+    for run in series.runs:
         result, b = run.result, run.global_batch_size
         n = len(result.smoothed_losses)
         label = None if b in labelled else f"global batch {b}"
@@ -130,21 +130,21 @@ def plot_series(sweep: SeriesResult, output_path: str | Path) -> Path:
     curves.set_xscale("log")
     curves.set_xlabel("learning rate (log scale)")
     curves.set_ylabel("smoothed loss (mean over all ranks)")
-    curves.set_title(f"range tests: {len(sweep.runs)} runs, {sweep.world_size} rank(s)")
+    curves.set_title(f"range tests: {len(series.runs)} runs, {series.world_size} rank(s)")
     curves.grid(True, which="both", alpha=0.3)
     curves.legend(fontsize=8)
-    losses = [v for run in sweep.runs for v in run.result.smoothed_losses if math.isfinite(v)]
+    losses = [v for run in series.runs for v in run.result.smoothed_losses if math.isfinite(v)]
     if losses:
         low, high = min(losses), sorted(losses)[int(0.95 * (len(losses) - 1))]
         curves.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
 
-    points = [(run.global_batch_size, run.result.optimal_lr) for run in sweep.runs if run.result.optimal_lr]
+    points = [(run.global_batch_size, run.result.optimal_lr) for run in series.runs if run.result.optimal_lr]
     for b, lr in points:
         scaling.scatter([b], [lr], color=colours[b], zorder=3)
-    fit = sweep.fit
+    fit = series.fit
     if fit is not None:
         xs = [min(sizes), max(sizes)]
-        prediction = sweep.prediction()
+        prediction = series.prediction()
         if prediction is not None:
             xs = [min(xs[0], prediction["global_batch_size"]), max(xs[1], prediction["global_batch_size"])]
         err = "" if fit.exponent_stderr is None else f" ± {fit.exponent_stderr:.2f}"

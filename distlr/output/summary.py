@@ -43,23 +43,23 @@ def summary(result: LRFinderResult, cli: dict[str, Any] | None = None) -> str:
     return "\n".join(lines)
 
 
-def series_summary(sweep: SeriesResult) -> str:
-    """The terminal table of a sweep: each batch size's split and spread, the fit, the prediction."""
-    runs = {run.global_batch_size: run for run in sweep.runs}
+def series_summary(series: SeriesResult) -> str:
+    """The terminal table of a series: each batch size's split and spread, the fit, the prediction."""
+    runs = {run.global_batch_size: run for run in series.runs}
     lines = ["global batch | micro x ranks x accum | suggested lr (geo-mean)   min        max        answered"]
-    for size, spread in sweep.spreads().items():
+    for size, spread in series.spreads().items():
         run = runs[size]
-        split = f"{run.micro_batch_size} x {sweep.world_size} x {run.accumulation_steps}"
+        split = f"{run.micro_batch_size} x {series.world_size} x {run.accumulation_steps}"
         lines.append(f"{size:>12} | {split:>20} | {_lr_or_dash(spread.geometric_mean):>23}   "
                      f"{_lr_or_dash(spread.min):<10} {_lr_or_dash(spread.max):<10} {spread.answered}/{spread.repeats}")
-    fit = sweep.fit
+    fit = series.fit
     if fit is None:
         lines.append("fit: fewer than two batch sizes gave a suggestion")
     else:
         err = "" if fit.exponent_stderr is None else f" ± {fit.exponent_stderr:.2f}"
         lines.append(f"fit: lr = {fit.coefficient:.3e} * B^{fit.exponent:.3f}{err} over {fit.points} runs "
                      "(square-root scaling: 0.5, linear: 1)")
-    prediction = sweep.prediction()
+    prediction = series.prediction()
     if prediction is not None:
         where = ("EXTRAPOLATED outside the swept sizes" if prediction["extrapolation"]
                  else "within the swept sizes")

@@ -2,10 +2,10 @@
 
 Each tracker gets the curve keyed by learning rate, the figure, and ``suggested_lr`` (with the
 peak, stop reason and range) as a summary, in a run of its own (``lr-finder``), so that the
-sweep's points are never steps of the user's training run:
+range test's points are never steps of the user's training run:
 
 - ``tensorboard``: a ``SummaryWriter`` in ``<log_dir>/lr_finder`` (``lr_finder-1``, ... for
-  later sweeps); the curve as the scalar
+  later range tests); the curve as the scalar
   ``lr_finder/loss`` (and ``lr_finder/smoothed_loss``) at step ``round(1000 * log10(lr))``,
   so that TensorBoard's x-axis reads as log10(LR) x 1000; the figure; the suggestion as text
   and as an hparams summary.
@@ -17,7 +17,7 @@ sweep's points are never steps of the user's training run:
   otherwise (so that no job waits for a login); the curve as a table and a line chart of loss
   against LR, the figure, and the summary in ``run.summary``.
 
-Which trackers are installed is checked before the sweep (``check``); the packages are the
+Which trackers are installed is checked before the range test (``check``); the packages are the
 ``trackers`` extra.
 """
 
@@ -80,7 +80,7 @@ def _installed(name: str) -> bool:
 
 
 def summary_of(result: LRFinderResult) -> dict[str, float]:
-    """The numbers a tracker keeps once per sweep (absent ones left out)."""
+    """The numbers a tracker keeps once per range test (absent ones left out)."""
     values = {"suggested_lr": result.optimal_lr, "peak_lr": result.peak_lr, "min_lr": result.min_lr,
               "max_lr": result.max_lr, "steps_run": len(result.losses)}
     return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
@@ -105,7 +105,7 @@ def _curve(result: LRFinderResult) -> list[tuple[float, float, float]]:
 def _tensorboard(result: LRFinderResult, figure: Path | None, log_dir: Path) -> str:
     from torch.utils.tensorboard import SummaryWriter
 
-    path = free_name(log_dir / "lr_finder")  # a run directory of its own, even for a second sweep
+    path = free_name(log_dir / "lr_finder")  # a run directory of its own, even for a second range test
     writer = SummaryWriter(log_dir=str(path))
     try:
         for lr, loss, smoothed in _curve(result):

@@ -1,4 +1,4 @@
-"""Reading batches for the sweep: cycling a short loader with a new epoch each time."""
+"""Reading batches for the range test: cycling a short loader with a new epoch each time."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ class BatchStream:
             raise ValueError(
                 f"train_dataloader ran out after {self._read} batches and cannot start again: it is a one-shot "
                 f"iterator ({type(self.loader).__name__}). Pass something that can be iterated again (a "
-                "DataLoader, a list of batches), or lower num_steps so the sweep needs fewer batches"
+                "DataLoader, a list of batches), or lower num_steps so the range test needs fewer batches"
             ) from None
         if not self.cycled:
             self._warn(f"train_dataloader ran out after {ran_out_after} batches; cycling it (new epoch, new "
@@ -159,20 +159,20 @@ class BatchStream:
 
 
 def check_reshufflable(loader: Any) -> None:
-    """Raise ValueError unless a sweep can read ``loader``'s dataset at other batch sizes and in
+    """Raise ValueError unless a range test can read ``loader``'s dataset at other batch sizes and in
     orders of its own (``reshuffled``): a ``DataLoader`` over a map-style dataset whose sampler
     is a plain random, sequential or distributed one (a weighted one would be dropped)."""
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-        raise ValueError(f"a sweep over batch sizes or repeats reads train_dataloader's dataset at other batch "
+        raise ValueError(f"a series over batch sizes or repeats reads train_dataloader's dataset at other batch "
                          f"sizes and orders; a {type(loader).__name__} cannot be, pass a torch DataLoader over a "
                          "map-style Dataset")
     if not isinstance(loader.sampler, (RandomSampler, SequentialSampler, DistributedSampler)):
-        raise ValueError(f"a sweep reads train_dataloader's dataset in shuffled orders of its own, which would drop "
+        raise ValueError(f"a series reads train_dataloader's dataset in shuffled orders of its own, which would drop "
                          f"its {type(loader.sampler).__name__}; pass a DataLoader with shuffle=True or False")
 
 
 def reshuffled(loader: Any, ctx: DistContext, *, batch_size: int, seed: int) -> DataLoader:
-    """The loader's dataset read again for one run of a sweep: ``batch_size`` per rank, this
+    """The loader's dataset read again for one run of a series: ``batch_size`` per rank, this
     rank's shard, shuffled with ``seed`` (the same order on every rank and for every run with that
     seed); everything else as the loader has it (``_with_sampler``).
 

@@ -238,7 +238,7 @@ class TrainingSnapshot:
         store: where the tensors go (``HostStore()`` or ``DiskStore(dir)``).
         lr_scheduler: optional LR scheduler to save and restore.
         grad_scaler: optional AMP ``GradScaler``.
-        sampler: optional sampler whose ``epoch`` the sweep advances when it cycles the loader.
+        sampler: optional sampler whose ``epoch`` the range test advances when it cycles the loader.
         settle: called before the state is read or written back, to bring the model into its
             resting layout (FSDP2: resharded, also after an error stopped a forward midway).
         keep: ``(object, attribute)`` pairs whose values are saved and put back too (a
@@ -302,7 +302,7 @@ class TrainingSnapshot:
         self._settle()
         live, _, live_dtensors = self._live()
         # Load straight into every live tensor that still has the saved shape and dtype (the
-        # usual case after a sweep); only what is missing now (a gradient that was freed,
+        # usual case after a range test); only what is missing now (a gradient that was freed,
         # optimizer state that was dropped) gets a new tensor.
         targets = {}
         for key, (shape, dtype) in saved["specs"].items():

@@ -23,6 +23,9 @@ from distlr.dist.collectives import DistContext
 
 logger = logging.getLogger(__name__)
 
+_groups_made = 0
+"""Process groups distlr has made in this process: each one's rendezvous keys get a namespace of
+their own (``_rendezvous_store``). Every rank makes them in the same order, so the count agrees."""
 
 
 @dataclass
@@ -93,28 +96,51 @@ def start_session(
     info = launch_info()
     if info is None and not make_group:
         return Session(DistContext(device=resolve_device(device, 0)))
-    init_method = "env://"
-    if info is None:
+    single = info is None
+    if single:
         info = LaunchInfo(0, 0, 1, "single")
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
     dev = resolve_device(device, info.local_rank)
     backend = dist_backend if dist_backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
     if backend == "nccl" and dev.type != "cuda":
         raise ValueError(f"dist_backend='nccl' needs CUDA devices but this rank runs on {dev}; use 'gloo' or 'auto'")
-    if info.launcher == "slurm" and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not single and name not in os.environ]
+    if missing and info.launcher == "slurm":
         raise ValueError(
             "running under SLURM without torchrun needs MASTER_ADDR and MASTER_PORT in the environment "
             "(see launch/slurm.sbatch)"
         )
+    if missing:
+        raise ValueError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: a process group needs "
+                         "where rank 0 listens; launch with torchrun, or set MASTER_ADDR and MASTER_PORT")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-    dist.init_process_group(backend=backend, init_method=init_method, rank=info.rank, world_size=info.world_size,
-                            timeout=datetime.timedelta(seconds=dist_timeout), **kwargs)
+    timeout = datetime.timedelta(seconds=dist_timeout)
+    kwargs: dict = {"device_id": dev} if dev.type == "cuda" else {}
+    if single:
+        kwargs["init_method"] = f"tcp://127.0.0.1:{_free_port()}"
+    else:
+        kwargs["store"] = _rendezvous_store(info, timeout)
+    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size, timeout=timeout, **kwargs)
     if info.rank == 0:
         logger.info("process group: %s, %d rank(s), timeout %.0f s", backend, info.world_size, dist_timeout)
     return Session(DistContext(info.rank, info.local_rank, info.world_size, dev), owns_group=True,
                    launcher=info.launcher, keep_group=keep_group)
+
+
+def _rendezvous_store(info: LaunchInfo, timeout: datetime.timedelta) -> dist.Store:
+    """The launcher's store, as ``env://`` would open it, with this group's keys under a prefix
+    of their own.
+
+    torchrun keeps one store for the whole job (in its agent), and torch gives every default
+    group the same key names. A group the user makes after distlr's has ended would read the
+    keys distlr's left there, such as its ranks' old gloo addresses, and hang or be refused (3
+    runs in 6 before this). Under ``distlr/<n>/`` they never meet the user's."""
+    global _groups_made
+    _groups_made += 1
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=not agent_store and info.rank == 0, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"distlr/{_groups_made}", store)
 
 
 def resolve_device(device: object, local_rank: int = 0) -> torch.device:

@@ -62,12 +62,14 @@ def loader_state(accelerator, loader) -> dict:
 
 @scenarios
 def equivalence(out: Path, accumulation: str, accelerator_accumulation: str) -> dict:
-    """EQUIV through the accelerator: each rank reads 8 // accumulation samples per micro-batch;
-    the accelerator itself may be set to accumulate (distlr steps the optimizer every step)."""
+    """EQUIV through the accelerator: a global batch of 16 over 2 ranks, as micro-batch x
+    accumulation, the accumulation given to ``find()`` (``accumulation``, 0 for not given) or
+    only set on the Accelerator, which ``find()`` then follows."""
     from distlr import LRFinder
 
-    steps, theirs = int(accumulation), int(accelerator_accumulation)
-    accelerator, model, optimizer, loader = prepared(batch_size=8 // steps, gradient_accumulation_steps=theirs)
+    given, theirs = int(accumulation), int(accelerator_accumulation)
+    accelerator, model, optimizer, loader = prepared(batch_size=8 // max(given, theirs),
+                                                     gradient_accumulation_steps=theirs)
     if theirs > 1:
         # The script is midway through its own accumulation: one micro-batch's gradient is
         # there, and the accelerator says gradients are not synced (so its optimizer's step and
@@ -80,8 +82,9 @@ def equivalence(out: Path, accumulation: str, accelerator_accumulation: str) -> 
         assert not accelerator.sync_gradients and model.module[0].weight.grad is not None
     before = fingerprint(model, optimizer)
     with LRFinder.from_accelerator(accelerator, model, optimizer, loader, mse) as finder:
-        refused = errors_of({"amp": lambda: finder.find(num_steps=5, amp="bf16")})["amp"]
-        result = finder.find(**EQUIV, accumulation_steps=steps).to_dict()
+        refused = errors_of({"amp": lambda: finder.find(num_steps=5, amp="bf16"),
+                             "accumulation": lambda: finder.find(num_steps=5, accumulation_steps=theirs + 1)})
+        result = finder.find(**EQUIV, **({"accumulation_steps": given} if given else {})).to_dict()
     assert_same_bits(before, fingerprint(model, optimizer))  # the script's gradient is back too
     return {**result, "refused": refused}
 
@@ -176,19 +179,30 @@ def miscounted(out: Path) -> dict:
 def accelerate_job(tmp_path_factory):
     pytest.importorskip("accelerate")
     out = tmp_path_factory.mktemp("accelerate")
-    job = launch(MODULE, out, ["equivalence:1:1", "equivalence:2:1", "equivalence:1:4", "script:yes", "bf16"])
+    job = launch(MODULE, out, ["equivalence:1:1", "equivalence:2:1", "equivalence:0:4", "script:yes", "bf16"])
     assert job.returncode == 0, job.explain()
     baseline = launch(MODULE, out, ["script:no"])
     assert baseline.returncode == 0, baseline.explain()
     return out
 
 
-@pytest.mark.parametrize("spec", ["equivalence:1:1", "equivalence:2:1", "equivalence:1:4"])
+@pytest.mark.parametrize("spec", ["equivalence:1:1", "equivalence:2:1", "equivalence:0:4"])
 def test_the_accelerator_records_the_curve_of_one_process_with_the_global_batch(accelerate_job, spec):
+    """0:4 is an Accelerator(gradient_accumulation_steps=4) and a find() that does not say:
+    the range test runs on the global batch training uses (2 per micro-batch x 2 ranks x 4)."""
     results = read_ranks(accelerate_job, spec)
     assert results[0] == results[1]
     refused = results[0].pop("refused")
-    assert refused == "ValueError: amp='bf16' but the Accelerator's mixed_precision is 'no'; pass amp='no'"
+    assert refused["amp"] == "ValueError: amp='bf16' but the Accelerator's mixed_precision is 'no'; pass amp='no'"
+    theirs = int(spec.split(":")[2])
+    if theirs > 1:
+        assert refused["accumulation"] == (
+            f"ValueError: accumulation_steps={theirs + 1} but the Accelerator's gradient_accumulation_steps is "
+            f"{theirs}: the range test runs on the batch training uses; leave accumulation_steps out (or pass "
+            f"{theirs}), or build the Accelerator with gradient_accumulation_steps={theirs + 1}")
+    else:
+        assert refused["accumulation"] is None  # distlr accumulates by itself when the Accelerator does not
+    assert results[0]["global_batch_size"] == 16
     assert_matches_one_process(results[0], world=2)
 
 

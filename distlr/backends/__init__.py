@@ -146,18 +146,33 @@ def check_accelerator(accelerator: Any, ctx: DistContext) -> None:
             "counts every rank only with Accelerator(cpu=True), and never with DeepSpeed")
 
 
+def fixed_accumulation(spec: BackendSpec) -> int | None:
+    """The micro-batches per step the training setup fixes, or None where ``find()`` decides:
+    a DeepSpeed engine's (or its config's) ``gradient_accumulation_steps``, or an Accelerator's
+    when it accumulates."""
+    if spec.kind.name == "accelerate":
+        steps = int(getattr(spec.accelerator, "gradient_accumulation_steps", 1))
+        return steps if steps > 1 else None
+    if spec.kind.name != "deepspeed":
+        return None
+    if spec.kind.placed:
+        return int(spec.model.gradient_accumulation_steps())
+    value = (spec.deepspeed_config or {}).get("gradient_accumulation_steps")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def check_batch_splits(spec: BackendSpec, accumulations: set[int]) -> None:
     """Raise ValueError when the backend cannot run a series whose range tests accumulate
     ``accumulations`` micro-batches: a DeepSpeed engine is built for one accumulation (its own,
-    when it or its config fixes one)."""
-    if spec.kind.name != "deepspeed":
+    when it or its config fixes one), and an Accelerator that accumulates fixes its own."""
+    if spec.kind.name not in ("deepspeed", "accelerate"):
         return
-    if spec.kind.placed:
-        fixed = spec.model.gradient_accumulation_steps()
-    else:
-        value = (spec.deepspeed_config or {}).get("gradient_accumulation_steps")
-        fixed = value if isinstance(value, int) and not isinstance(value, bool) else None
-    if len(accumulations) > 1 or (fixed is not None and accumulations != {fixed}):
+    fixed = fixed_accumulation(spec)
+    if spec.kind.name == "accelerate" and fixed is not None and accumulations != {fixed}:
+        raise ValueError(f"global_batch_sizes: these sizes need {sorted(accumulations)} accumulation steps, but "
+                         f"the Accelerator accumulates {fixed} micro-batches a step; keep to sizes with that "
+                         "split (repeats work), or build the Accelerator with gradient_accumulation_steps=1")
+    if spec.kind.name == "deepspeed" and (len(accumulations) > 1 or (fixed is not None and accumulations != {fixed})):
         built = f"accumulates {fixed} micro-batch(es) a step" if fixed is not None else "is built for one accumulation"
         raise ValueError(f"global_batch_sizes: these sizes need {sorted(accumulations)} accumulation steps, but the "
                          f"DeepSpeed engine {built}; keep to sizes with that one split (repeats work) or run one "

@@ -50,6 +50,10 @@ class AccelerateOps:
         # The accelerator's mixed_precision decides, "no" included: find()'s amp must agree.
         self.precision = str(getattr(accelerator, "mixed_precision", "no"))
         self.scaler = getattr(accelerator, "scaler", None)
+        # The accelerator's accumulation is the training run's global batch: the range test's
+        # default, and a find(accumulation_steps=...) that differs is refused (as DeepSpeed's).
+        steps = int(getattr(accelerator, "gradient_accumulation_steps", 1))
+        self.accumulation = steps if steps > 1 else None
 
     def configure(self, amp: str, device: torch.device) -> None:
         return None  # the accelerator's mixed_precision decides (the backend checked amp against it)

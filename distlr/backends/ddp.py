@@ -46,6 +46,8 @@ class StepOps(Protocol):
     """How one step's precision, backward and optimizer step are done: plain torch
     (``TorchOps``) or through a training loop's runner (``distlr.backends.accelerate``)."""
 
+    accumulation: int | None
+    """Micro-batches per step the runner fixes (an Accelerator's own accumulation), or None."""
     precision: str | None
     """The precision the runner fixes ("no", "bf16", "fp16"; an ``amp`` that differs is refused),
     or None when ``amp`` decides."""
@@ -72,6 +74,7 @@ class TorchOps:
     """Plain torch: ``torch.autocast`` for bf16/fp16, a ``GradScaler`` for fp16 (the user's if given)."""
 
     precision = None
+    accumulation = None
 
     def __init__(self, optimizer: torch.optim.Optimizer, user_scaler: Any | None) -> None:
         self.optimizer, self.scaler = optimizer, user_scaler
@@ -171,10 +174,17 @@ class TorchBackend:
             if precision is not None and args.amp not in ("no", precision):
                 allowed = "amp='no'" if precision == "no" else f"amp='no' or amp={precision!r}"
                 raise ValueError(f"amp={args.amp!r} but {who.format(precision)}; pass {allowed}")
+        accumulation = self._ops.accumulation
+        if accumulation is not None and args.accumulation_steps not in (1, accumulation):
+            raise ValueError(f"accumulation_steps={args.accumulation_steps} but the Accelerator's "
+                             f"gradient_accumulation_steps is {accumulation}: the range test runs on the batch "
+                             f"training uses; leave accumulation_steps out (or pass {accumulation}), or build the "
+                             f"Accelerator with gradient_accumulation_steps={args.accumulation_steps}")
         self.micro_batch_size = None  # measured again: a series may change the loader between finds
         fixed = self._sync.precision or self._ops.precision
         self._ops.configure("no" if fixed else args.amp, self.device)  # a fixed precision casts by itself
-        self.max_grad_norm, self.accumulation_steps = args.max_grad_norm, args.accumulation_steps
+        self.max_grad_norm = args.max_grad_norm
+        self.accumulation_steps = accumulation or args.accumulation_steps
 
     def set_lr(self, lr: float) -> None:
         self._ramp(lr)

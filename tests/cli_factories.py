@@ -46,3 +46,18 @@ class CrashingRegression(StallingRegression):
 
 def crashing_regression() -> nn.Module:
     return CrashingRegression()
+
+
+class LogitsOnly(nn.Module):
+    """A language model whose forward takes the ids alone and returns logits (no loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(8192, 8)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.embed(idx)
+
+
+def logits_only() -> nn.Module:
+    return LogitsOnly()

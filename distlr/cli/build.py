@@ -13,6 +13,7 @@ refused before anything runs.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import random
 from dataclasses import dataclass, field
@@ -40,8 +41,10 @@ class BuiltModel:
 
     model: nn.Module
     kind: ModelKind
-    """"causal" (next-token loss), "masked" (15 % of the tokens masked) or "custom" (a factory's
-    model, trained on the batches its data gives)."""
+    """"causal" (a Hugging Face causal LM: ``model(input_ids=..., labels=...)``), "masked" (15 % of
+    the tokens masked) or "custom" (a factory's own module: on token data it is called as
+    ``model(idx, targets)``, nanoGPT's convention, and returns its loss; on a data factory's
+    batches, as those batches say)."""
     tokenizer: Any | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -212,13 +215,12 @@ def build_dataloader(cfg: RunConfig, built: BuiltModel | nn.Module) -> tuple[Any
         described: dict[str, Any] = {"source": f"factory {cfg.data}", "samples": len(made)}  # type: ignore[arg-type]
         return _loader(cfg, made, collate=None), described
     if built.kind == "custom":
-        raise ValueError(f"model={cfg.model!r} is a {type(built.model).__name__}, not a language model distlr can "
-                         "train on text; pass the data as a 'package.module:function' factory too")
+        _check_takes_targets(cfg, built.model)
     _check_positions(cfg, built.model)
     corpus = read_corpus(cfg.data, tokenize=_tokenizer_fn(built), text_column=cfg.text_column,
                          token_dtype=cfg.token_dtype)
     _check_ids(cfg, corpus.tokens, built.model)
-    dataset = PackedTokens(corpus.tokens, cfg.seq_len)
+    dataset = PackedTokens(corpus.tokens, cfg.seq_len, pairs=built.kind == "custom")
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"data={cfg.data!r} gives {len(dataset)} sequence(s) of {cfg.seq_len} tokens, fewer than "
                          f"batch_size={cfg.batch_size} (a last, partial batch is dropped); use a smaller --batch-size "
@@ -238,9 +240,25 @@ def _loader(cfg: RunConfig, dataset: Dataset, collate: Any) -> DataLoader:
                       num_workers=cfg.num_workers, generator=generator, collate_fn=collate)
 
 
+def _check_takes_targets(cfg: RunConfig, model: nn.Module) -> None:
+    """A factory's module trained on token data is called as ``model(idx, targets)``."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in positional):
+        raise ValueError(f"model={cfg.model!r}: {type(model).__name__}.forward takes {len(positional)} positional "
+                         f"argument(s), but on token data (--data {cfg.data}) the command line calls "
+                         "model(idx, targets) and reads the loss it returns (nanoGPT's convention); give forward a "
+                         "targets argument, or pass --data as a 'package.module:function' factory of batches your "
+                         "model takes")
+
+
 def _check_positions(cfg: RunConfig, model: nn.Module) -> None:
     config = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings"):
+    # Hugging Face's names, and nanoGPT's GPTConfig.block_size.
+    for key in ("n_positions", "max_position_embeddings", "block_size"):
         limit = getattr(config, key, None)
         if isinstance(limit, int) and cfg.seq_len > limit:
             raise ValueError(f"seq_len={cfg.seq_len} is longer than the model's {key}={limit}; "

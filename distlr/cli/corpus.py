@@ -178,19 +178,26 @@ def _from_dataset(dataset: Any, tokenize: Tokenize, text_column: str, *, source:
 
 
 class PackedTokens(Dataset):
-    """A 1-D token stream cut into ``seq_len`` blocks, served as language-model dict samples."""
+    """A 1-D token stream cut into ``seq_len`` blocks, served as language-model dict samples
+    (``{"input_ids", "attention_mask"}``), or, with ``pairs=True``, as nanoGPT's ``(idx,
+    targets)``: ``seq_len`` tokens and the same shifted by one, the next token of each."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
-        n = tokens.numel() // seq_len
-        if n == 0:
+    def __init__(self, tokens: torch.Tensor, seq_len: int, *, pairs: bool = False) -> None:
+        # A pair needs one token past its block for the last target.
+        n = (tokens.numel() - pairs) // seq_len
+        if n <= 0:
             raise ValueError(f"the data is too short: {tokens.numel()} tokens for seq_len={seq_len}")
-        self.blocks = tokens[: n * seq_len].view(n, seq_len).long()
+        self.tokens, self.seq_len, self.pairs = tokens.long(), seq_len, pairs
+        self.n = n
 
     def __len__(self) -> int:
-        return self.blocks.shape[0]
+        return self.n
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.blocks[i]
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.seq_len
+        if self.pairs:
+            return self.tokens[start:start + self.seq_len], self.tokens[start + 1:start + self.seq_len + 1]
+        ids = self.tokens[start:start + self.seq_len]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 

@@ -1,8 +1,8 @@
 """From a batch to a loss: moving batches to the device and finding the loss of any model.
 
 A batch may be an ``(inputs, targets)`` tuple/list, a dict (Hugging Face style) or anything with
-``.to()``. Without a criterion the model computes the loss: a Hugging Face output's ``.loss``, a
-dict's ``"loss"``, or a scalar tensor. A causal LM whose batch has no ``labels`` gets labels made
+``.to()``. Without a criterion the model computes the loss (``LOSS_CONVENTIONS`` says where it is
+looked for). A causal LM whose batch has no ``labels`` gets labels made
 from ``input_ids`` with padding masked to -100.
 """
 
@@ -264,29 +264,42 @@ def _check_arity(model: nn.Module, given: int) -> None:
         )
 
 
+LOSS_CONVENTIONS = ("output.loss (Hugging Face), output['loss'], a scalar tensor, or the one scalar tensor of a "
+                    "tuple: (loss, logits, ...) of Hugging Face's return_dict=False or (logits, loss) of nanoGPT")
+"""Where ``loss_from_output`` looks for the loss, in that order (the messages and docs/api.md say it)."""
+
+
 def loss_from_output(output: Any, *, has_labels: bool = False) -> torch.Tensor:
-    """The loss a model returned: ``.loss`` (Hugging Face), ``output["loss"]``, a scalar, or,
-    when the batch has labels, the first element of a ``(loss, logits, ...)`` tuple (Hugging
-    Face with ``return_dict=False``)."""
+    """The loss a model returned, looked for as ``LOSS_CONVENTIONS`` says.
+
+    Raises:
+        TypeError: no loss there, or a tuple holding several scalar tensors (which one is the
+            loss cannot be told); the message names the conventions.
+    """
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, Mapping):
         loss = output.get("loss")
     if loss is None and isinstance(output, torch.Tensor) and output.numel() == 1:
         loss = output
-    if (loss is None and has_labels and isinstance(output, (tuple, list)) and output
-            and isinstance(output[0], torch.Tensor) and output[0].numel() == 1):
-        loss = output[0]
+    if loss is None and isinstance(output, (tuple, list)):
+        scalars = [i for i, v in enumerate(output) if isinstance(v, torch.Tensor) and v.dim() == 0]
+        if len(scalars) > 1:
+            raise TypeError(f"the model returned a {type(output).__name__} with {len(scalars)} scalar tensors (at "
+                            f"positions {scalars}), so which one is the loss cannot be told; return one of "
+                            f"{LOSS_CONVENTIONS}, or pass loss_fn=lambda model, batch: ... that picks it")
+        if scalars:
+            loss = output[scalars[0]]
     if loss is None:
         what = type(output).__name__
         if isinstance(output, torch.Tensor):
             what += f" of shape {tuple(output.shape)}"
         elif isinstance(output, (tuple, list)):
-            what += f" of {len(output)} elements, the first not a scalar loss"
+            what += f" of {len(output)} elements, none a scalar tensor"
         labels = ("the batch has 'labels', but the model returned no loss for them" if has_labels
                   else "include 'labels' in a Hugging Face batch")
         raise TypeError(
-            f"cannot find a loss in the model output ({what}): pass criterion=... (e.g. "
-            f"torch.nn.CrossEntropyLoss()) with (inputs, targets) batches, {labels}, or make the model return "
-            "a scalar loss"
+            f"cannot find a loss in the model output ({what}); distlr looks for {LOSS_CONVENTIONS}. Pass "
+            f"criterion=... (e.g. torch.nn.CrossEntropyLoss()) with (inputs, targets) batches, {labels}, or make "
+            "the model return its loss"
         )
     return loss

@@ -367,11 +367,11 @@ class LRFinder:
         with D.agree_on_failure(self.ctx):
             check_series_args(global_batch_sizes, repeats, target_global_batch_size,
                               accumulation_given="accumulation_steps" in find_kwargs)
-            accumulation = find_kwargs.pop("accumulation_steps", 1)
+            # Without sizes, the one this finder would run: the accumulation the setup fixes, if any.
+            accumulation = find_kwargs.pop("accumulation_steps", None) or backends.fixed_accumulation(self._spec) or 1
             if not isinstance(micro_max, int):
                 raise ValueError("series(): train_dataloader has no batch_size to split global batches with; pass a "
                                  "torch DataLoader with batch_size set")
-            # Without sizes: the one this finder would run (the loader's batch x ranks x accumulation).
             sizes = list(global_batch_sizes) if global_batch_sizes is not None else [micro_max * world * accumulation]
             splits = {b: split_global_batch(b, world, micro_max) for b in sorted(sizes)}
             backends.check_batch_splits(self._spec, {a for _, a in splits.values()})
@@ -530,19 +530,35 @@ def _check_constructor_args(model: Any, loader: Any, optimizer: Any, criterion: 
     check_choice("snapshot", snapshot, SNAPSHOT_MODES)
 
 
-UNRAMPABLE = ("LOMO", "AdaLomo", "ScheduleFree", "GaLore")
-"""Optimizers whose learning rate does not live in their param groups the ordinary way (LOMO
-and AdaLomo step inside backward, schedule-free ones average their iterates and need their own
-train/eval switch, layer-wise GaLore keeps one optimizer per parameter), so a ramp over
-``param_groups`` would not be what they train with."""
+UNRAMPABLE = {
+    "ScheduleFree": "schedule-free optimizers replace the schedule by an average of their iterates, so a ramp "
+                    "does not measure how they train. Run the range test with the optimizer they are built on "
+                    "(AdamW for AdamWScheduleFree / schedule_free_adamw, SGD for SGDScheduleFree, RAdam for "
+                    "RAdamScheduleFree) and start the schedule-free run from result.optimal_lr, the constant LR, "
+                    "checking it and a few times above it with short runs",
+    "AdaLomo": "AdaLomo updates inside backward; run the range test with AdamW",
+    "LOMO": "LOMO is SGD fused into backward; run the range test with SGD",
+    "LayerWise": "a layer-wise optimizer (GaLore's or APOLLO's *_layerwise) keeps one optimizer per parameter "
+                 "and steps in hooks; run the range test with its plain form (galore_adamw) or AdamW",
+    "APOLLO": "APOLLO rescales its updates per channel outside param_groups; run the range test with AdamW",
+}
+"""Optimizers whose learning rate does not live in their param groups the ordinary way, so a
+ramp over ``param_groups`` would not be what they train with, and what to do instead. Matched
+in order against the optimizer's class name (AdaLomo before LOMO)."""
+
+
+def unrampable_advice(name: str) -> str | None:
+    """What to do instead, when ``name`` (a class name or ``TrainingArguments.optim``) is an
+    optimizer a range test cannot ramp; None otherwise."""
+    key = name.lower().replace("_", "").replace("-", "")
+    return next((advice for kind, advice in UNRAMPABLE.items() if kind.lower() in key), None)
 
 
 def _check_optimizer_kind(optimizer: Any) -> None:
     name = type(optimizer).__name__
-    for kind in UNRAMPABLE:
-        if kind.lower() in name.lower():
-            raise ValueError(f"optimizer {name} cannot be ramped: its learning rate does not live in param_groups "
-                             f"the way a range test sets it ({kind}); run the range test with AdamW or SGD")
+    advice = unrampable_advice(name)
+    if advice is not None:
+        raise ValueError(f"optimizer {name} cannot be ramped: {advice}")
 
 
 def find_optimal_lr(model: nn.Module, train_dataloader: Iterable[Any], **kwargs: Any) -> float:

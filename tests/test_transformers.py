@@ -108,6 +108,21 @@ def test_apply_leaves_the_model_as_it_was_and_train_runs_at_the_suggestion(tmp_p
     assert trainer.get_train_dataloader().iteration == loader_iteration
 
 
+def test_apply_gives_a_warmup_stable_decay_trainer_the_plateau_and_its_decay(tmp_path):
+    from distlr.integrations.transformers import find_lr
+
+    recorder = LearningRates()
+    trainer = trainer_for(tmp_path, callbacks=[recorder], lr_scheduler_type="warmup_stable_decay", max_steps=20)
+    result = find_lr(trainer, apply=True, min_lr=1e-5, max_lr=10.0, num_steps=40)
+    plateau = result.schedule["wsd"]["plateau_lr"]
+    assert result.optimal_lr < plateau < result.peak_lr and trainer.args.learning_rate == plateau
+    # transformers' WSD needs its decay length: 20 % of the 20 steps, filled in since it was missing.
+    assert trainer.args.lr_scheduler_kwargs == {"num_decay_steps": 4, "decay_type": "linear"}
+    trainer.train()
+    assert recorder.seen and all(lr == pytest.approx(plateau) for step in recorder.seen for lr in step)
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # decayed to 0 at the end
+
+
 def test_the_loss_is_the_trainers_own_with_label_smoothing(tmp_path):
     from distlr.integrations.transformers import find_lr
 
@@ -139,8 +154,22 @@ def test_an_optimizer_whose_lr_cannot_be_ramped_is_refused(tmp_path, optim):
 
     trainer = trainer_for(tmp_path)
     trainer.args.optim = optim  # set after construction: the packages these need are not installed
-    with pytest.raises(ValueError, match=f"optim='{optim}' cannot be ramped"):
+    with pytest.raises(ValueError, match=f"optim='{optim}' cannot be ramped") as info:
         find_lr(trainer)
+    # It says what to run instead.
+    assert {"lomo": "run the range test with SGD",
+            "schedule_free_adamw": "AdamW for AdamWScheduleFree"}[optim] in str(info.value)
+    assert "start the schedule-free run from result.optimal_lr" in str(info.value) or optim == "lomo"
+
+
+def test_a_schedule_free_optimizer_given_to_the_api_is_refused_with_what_to_do():
+    schedulefree = pytest.importorskip("schedulefree")
+    from distlr import LRFinder
+
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="optimizer AdamWScheduleFree cannot be ramped: schedule-free") as info:
+        LRFinder(model, rows(), schedulefree.AdamWScheduleFree(model.parameters()), device="cpu")
+    assert "Run the range test with the optimizer they are built on (AdamW" in str(info.value)
 
 
 @pytest.mark.parametrize("zero", ["", "2", "3"])

@@ -2,28 +2,46 @@
 
 Pure math: no torch, no I/O. ``recommend_schedule`` turns one peak LR into a one-cycle schedule
 and a warmup + cosine schedule, each spelled out for PyTorch (``OneCycleLR`` arguments), Hugging
-Face (``TrainingArguments`` fields) and DeepSpeed (a ``scheduler`` block). The result is a plain
-dict that ``json.dumps`` writes as is.
+Face (``TrainingArguments`` fields) and DeepSpeed (a ``scheduler`` block), and a plateau LR into
+a warmup-stable-decay schedule in the same three forms. The result is a plain dict that
+``json.dumps`` writes as is. ``LrShape`` is each schedule's LR at a step, as a fraction of its
+highest (what ``LRFinderResult.make_scheduler`` hands ``LambdaLR``), and ``set_peak_lr`` moves
+an optimizer and its scheduler to a new LR.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+ScheduleKind = Literal["onecycle", "warmup_cosine", "wsd"]
+"""The schedules ``make_scheduler`` builds: one-cycle and warmup + cosine peak at ``peak_lr``,
+warmup-stable-decay holds the WSD plateau."""
+SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
+DecayShape = Literal["linear", "cosine", "1-sqrt"]
+"""The shape of WSD's final decay, with transformers' names (``get_wsd_schedule``'s ``decay_type``)."""
+DECAY_SHAPES: tuple[str, ...] = get_args(DecayShape)
+WARMUP_FRACTION = 0.05
+"""The share of training the warmup-cosine and WSD schedules warm up for: 5 %, as in the
+suggestion benchmark's WSD protocol, on which the plateau divisor was chosen."""
+WSD_DECAY_FRACTION = 0.2
+"""The share of training WSD spends decaying: the suggestion benchmark's WSD protocol, on which
+the plateau divisor was chosen (Hagele et al. 2024 find 10-20 % enough)."""
 
 
 def recommend_schedule(
     peak_lr: float,
     *,
     total_steps: int | None = None,
-    warmup_ratio: float = 0.05,
+    warmup_ratio: float = WARMUP_FRACTION,
     one_cycle_pct_start: float = 0.3,
     div_factor: float = 25.0,
     final_div_factor: float = 1e4,
     min_lr_ratio: float = 0.0,
     plateau_lr: float | None = None,
-    decay_ratio: float = 0.2,
+    decay_ratio: float = WSD_DECAY_FRACTION,
 ) -> dict[str, Any]:
     """Recommend a schedule whose highest LR is ``peak_lr``.
 
@@ -115,8 +133,8 @@ def recommend_schedule(
         },
         "warmup_cosine": {
             "peak_lr": peak_lr,
-            "warmup_ratio": warmup_ratio,
-            "warmup_steps": warmup_steps,
+            # transformers >= 5 names: warmup_steps, an int, or a float < 1 read as a fraction.
+            "warmup_steps": warmup_ratio if warmup_steps is None else warmup_steps,
             "min_lr": min_lr,
         },
         "torch": {
@@ -127,6 +145,9 @@ def recommend_schedule(
                 "div_factor": div_factor,
                 "final_div_factor": final_div_factor,
                 "anneal_strategy": "cos",
+                # On by default it cycles Adam's beta1 (or SGD's momentum) too, which the range
+                # test never measured; DeepSpeed's block below turns it off alike.
+                "cycle_momentum": False,
             }
         },
         "huggingface": _huggingface_fields(peak_lr, warmup_ratio, warmup_steps, min_lr_ratio),
@@ -134,9 +155,127 @@ def recommend_schedule(
         "notes": notes,
     }
     if plateau_lr is not None:
-        out["wsd"] = {"plateau_lr": float(plateau_lr), "warmup_ratio": warmup_ratio, "decay_ratio": float(decay_ratio),
-                      "decay_shape": "linear"}
+        out["wsd"] = _wsd_forms(float(plateau_lr), total, warmup_ratio, warmup_steps, float(decay_ratio), notes)
     return out
+
+
+def _wsd_forms(plateau: float, total: int | None, warmup_ratio: float, warmup_steps: int | None,
+               decay_ratio: float, notes: list[str]) -> dict[str, Any]:
+    """Warmup-stable-decay with ``plateau`` held: linear warmup from 0, the plateau, then a linear
+    decay to 0 over ``decay_ratio`` of training; with transformers' ``get_wsd_schedule`` names."""
+    decay = None if total is None else max(1, round(total * decay_ratio))
+    stable = None if total is None else max(0, total - warmup_steps - decay)
+    warmup: int | float = warmup_ratio if warmup_steps is None else warmup_steps
+    if total is None:
+        notes.append("wsd: num_decay_steps and num_stable_steps need total_steps; with it they are "
+                     f"{decay_ratio:g} and the rest of training after warmup")
+    return {
+        "plateau_lr": plateau,
+        "warmup_steps": warmup,
+        "num_stable_steps": stable,
+        "num_decay_steps": decay,
+        "decay_fraction": decay_ratio,
+        "decay_type": "linear",
+        "min_lr_ratio": 0.0,
+        "torch": {"LambdaLR": "result.make_scheduler(optimizer, total_steps, kind='wsd')"},
+        "huggingface": {"learning_rate": plateau, "lr_scheduler_type": "warmup_stable_decay", "warmup_steps": warmup,
+                        "lr_scheduler_kwargs": {"num_decay_steps": decay, "decay_type": "linear",
+                                                "min_lr_ratio": 0.0}},
+        # DeepSpeed has no WSD scheduler: WarmupLR warms up and holds the plateau; the decay
+        # comes from a client scheduler, deepspeed.initialize(lr_scheduler=result.make_scheduler(...)).
+        "deepspeed": {"scheduler": {"type": "WarmupLR", "params": {
+                          "warmup_min_lr": 0.0, "warmup_max_lr": plateau,
+                          "warmup_num_steps": None if warmup_steps is None else max(1, warmup_steps),
+                          "warmup_type": "linear"}},
+                      "decay": "DeepSpeed has no decay phase for WarmupLR: pass lr_scheduler=result.make_scheduler("
+                               "optimizer, total_steps, kind='wsd') to deepspeed.initialize instead of this block"},
+    }
+
+
+@dataclass(frozen=True)
+class LrShape:
+    """The LR at a step as a fraction of the schedule's highest, step for step as transformers'
+    ``get_cosine_schedule_with_warmup`` (with ``min_lr_rate``) and ``get_wsd_schedule`` compute
+    it: linear warmup from 0, then a half cosine to ``min_ratio`` (``warmup_cosine``), or the
+    plateau and a decay of ``decay_shape`` over the last ``decay_steps`` (``wsd``). A frozen
+    dataclass, so ``LambdaLR.state_dict`` saves it.
+
+    Example:
+        >>> shape = LrShape("wsd", total_steps=100, warmup_steps=10, decay_steps=20)
+        >>> [shape(s) for s in (0, 5, 10, 79, 90, 100)]
+        [0.0, 0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+
+    kind: str
+    total_steps: int
+    warmup_steps: int
+    decay_steps: int = 0
+    min_ratio: float = 0.0
+    decay_shape: str = "linear"
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            rise = step / max(1, self.warmup_steps)
+            # transformers' WSD warms up from min_ratio; its cosine warms up from 0.
+            return rise * (1.0 - self.min_ratio) + self.min_ratio if self.kind == "wsd" else rise
+        if self.kind == "warmup_cosine":
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - self.min_ratio) + self.min_ratio)
+        decay_start = self.total_steps - self.decay_steps
+        if step < decay_start:
+            return 1.0
+        if step >= self.total_steps:
+            return self.min_ratio
+        progress = (step - decay_start) / max(1, self.decay_steps)
+        fall = {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+                "1-sqrt": 1.0 - math.sqrt(progress)}[self.decay_shape]
+        return max(0.0, fall * (1.0 - self.min_ratio) + self.min_ratio)
+
+
+def set_peak_lr(optimizer: Any, scheduler: Any, lr: float) -> list[float]:
+    """Move ``optimizer`` (and ``scheduler``, if given) to ``lr`` so that it sticks.
+
+    The group the schedule gives the highest LR gets ``lr``; the others keep their ratio to it
+    (muP's or a per-layer scheme's groups). A scheduler's LRs come from its ``base_lrs`` (or
+    OneCycleLR's ``max_lr``), not from the group's current LR (which a warmup may have at 0), so
+    those scale too, with each group's ``initial_lr``, OneCycleLR's ``max_lr``/``min_lr`` and the
+    LR the scheduler last set: the next ``scheduler.step()`` keeps the new LR and the schedule's
+    shape. Duck-typed, so it imports no torch. Returns each group's new highest LR.
+
+    Raises:
+        ValueError: a scheduler whose base LR for a group is 0 (there is nothing to scale).
+    """
+    groups = optimizer.param_groups
+    children = [scheduler, *getattr(scheduler, "_schedulers", [])] if scheduler is not None else []
+    if scheduler is None:
+        highest = [float(g.get("initial_lr", g["lr"])) for g in groups]
+    elif all("max_lr" in g for g in groups):  # OneCycleLR keeps its peak in the group
+        highest = [float(g["max_lr"]) for g in groups]
+    else:
+        bases = next((c.base_lrs for c in children if getattr(c, "base_lrs", None)), None)
+        highest = [float(b) for b in bases] if bases is not None else [float(g["lr"]) for g in groups]
+    top = max(highest)
+    new = [lr * h / top for h in highest] if top > 0 else [lr] * len(groups)
+    if scheduler is None:
+        for group, value in zip(groups, new):
+            group["lr"] = value
+            if "initial_lr" in group:
+                group["initial_lr"] = value
+        return new
+    if any(h <= 0 for h in highest):
+        raise ValueError(f"the scheduler's learning rates are {highest}: a schedule built on 0 cannot be scaled; "
+                         "build the scheduler after result.apply(optimizer), or use result.make_scheduler(...)")
+    factors = [n / h for n, h in zip(new, highest)]
+    for group, factor in zip(groups, factors):
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+            if key in group:
+                group[key] *= factor
+    for child in children:
+        for name in ("base_lrs", "_last_lr"):
+            values = getattr(child, name, None)
+            if isinstance(values, list) and len(values) == len(factors):
+                setattr(child, name, [v * f for v, f in zip(values, factors)])
+    return new
 
 
 def _huggingface_fields(

@@ -24,20 +24,13 @@ from typing import Any
 from transformers import TrainerCallback
 
 from distlr.core.result import LRFinderResult
-from distlr.finder import LRFinder
+from distlr.finder import LRFinder, unrampable_advice
 from distlr.output import trackers
 from distlr.output.files import free_name, write_atomic
 from distlr.output.plot import plot_result
 from distlr.output.summary import summary
 
 logger = logging.getLogger(__name__)
-
-UNRAMPABLE_OPTIM = ("lomo", "adalomo", "schedule_free", "layerwise", "apollo")
-"""``TrainingArguments.optim`` values whose learning rate does not live in param groups the
-way a range test sets it: LOMO and AdaLomo step inside backward, schedule-free optimizers
-average their iterates, the layer-wise variants (GaLore, APOLLO) keep one optimizer per
-parameter and step in hooks."""
-
 
 def find_lr(trainer: Any, *, apply: bool = False, **find_kwargs: Any) -> LRFinderResult:
     """Run the range test with a ``transformers.Trainer``'s own parts; call it before ``train()``.
@@ -58,7 +51,7 @@ def find_lr(trainer: Any, *, apply: bool = False, **find_kwargs: Any) -> LRFinde
         The ``LRFinderResult``, identical on every rank.
 
     Raises:
-        ValueError: an optimizer whose LR cannot be ramped (``UNRAMPABLE_OPTIM``), or
+        ValueError: an optimizer whose LR cannot be ramped (``distlr.finder.UNRAMPABLE``), or
             arguments that contradict ``trainer.args``.
 
     Example:
@@ -67,9 +60,10 @@ def find_lr(trainer: Any, *, apply: bool = False, **find_kwargs: Any) -> LRFinde
     """
     args = trainer.args
     optim = str(getattr(args.optim, "value", args.optim)).lower()
-    if any(word in optim for word in UNRAMPABLE_OPTIM):
-        raise ValueError(f"TrainingArguments.optim={optim!r} cannot be ramped: its learning rate does not live in "
-                         "param_groups the way a range test sets it; run find_lr with optim='adamw_torch'")
+    advice = unrampable_advice(optim)
+    if advice is not None:
+        raise ValueError(f"TrainingArguments.optim={optim!r} cannot be ramped: {advice} (for find_lr: "
+                         "TrainingArguments(optim='adamw_torch'), or 'sgd')")
     report_to = [name for name in (args.report_to or []) if name in trackers.TRACKERS]
     trackers.check(report_to)
     touched = _Touched.capture(trainer)
@@ -179,6 +173,16 @@ class _Touched:
             trainer.accelerator.step = self.step
 
 
+def which_lr(args: Any) -> str:
+    """Which of the result's numbers a Trainer's schedule trains at: the constant LR for
+    ``constant*`` schedules, the WSD plateau for ``warmup_stable_decay`` (what the suggestion
+    benchmark's WSD protocol measured), the one-cycle / cosine peak for every decaying one."""
+    schedule = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if schedule.startswith("constant"):
+        return "constant"
+    return "wsd" if schedule == "warmup_stable_decay" else "peak"
+
+
 def apply_result(trainer: Any, result: LRFinderResult) -> None:
     """Make ``trainer.train()`` use the result (see ``find_lr``'s ``apply``).
 
@@ -188,13 +192,20 @@ def apply_result(trainer: Any, result: LRFinderResult) -> None:
     if result.optimal_lr is None:
         raise ValueError(f"no learning rate to apply: {result.suggestion_note}")
     args = trainer.args
-    schedule = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-    constant = schedule.startswith("constant")
-    args.learning_rate = result.optimal_lr if constant or result.peak_lr is None else result.peak_lr
+    args.learning_rate = result.lr_for(which_lr(args))
     if not args.warmup_steps and result.schedule is not None:
         warmup = result.schedule["huggingface"].get("warmup_steps")
         if isinstance(warmup, (int, float)) and warmup > 0:
             args.warmup_steps = warmup
+    if which_lr(args) == "wsd":
+        # transformers' WSD needs its decay length; the recommendation's share of this run's steps.
+        kwargs = dict(args.lr_scheduler_kwargs or {})
+        if "num_decay_steps" not in kwargs:
+            total = _training_steps(trainer)
+            if total is not None:
+                kwargs["num_decay_steps"] = max(1, round(total * result.schedule["wsd"]["decay_fraction"]))
+                kwargs.setdefault("decay_type", result.schedule["wsd"]["decay_type"])
+                args.lr_scheduler_kwargs = kwargs
     # train() builds them afresh, with the new learning rate.
     trainer.optimizer, trainer.lr_scheduler = None, None
     if getattr(args, "deepspeed", None):
@@ -203,6 +214,18 @@ def apply_result(trainer: Any, result: LRFinderResult) -> None:
         args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
         args.hf_deepspeed_config.trainer_config_process(args)
     logger.info("find_lr: learning_rate=%.3e for trainer.train()", args.learning_rate)
+
+
+def _training_steps(trainer: Any) -> int | None:
+    """The optimizer steps ``train()`` will run: ``max_steps``, or the epochs over the loader."""
+    args = trainer.args
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    try:
+        per_epoch = len(trainer.get_train_dataloader()) // max(1, args.gradient_accumulation_steps)
+    except TypeError:
+        return None
+    return max(1, round(per_epoch * args.num_train_epochs))
 
 
 class LRFinderCallback(TrainerCallback):
@@ -243,15 +266,6 @@ class LRFinderCallback(TrainerCallback):
 
 
 def _rescale(optimizer: Any, scheduler: Any, result: LRFinderResult, args: Any) -> None:
-    """Set a built optimizer and scheduler to the new peak LR: every group's LR and the
-    scheduler's base LRs scale by new / old, so their ratios and the schedule's shape stay."""
-    schedule = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-    new = result.optimal_lr if schedule.startswith("constant") or result.peak_lr is None else result.peak_lr
-    factor = new / args.learning_rate
-    for group in optimizer.param_groups:
-        group["lr"] *= factor
-        if "initial_lr" in group:
-            group["initial_lr"] *= factor
-    if scheduler is not None and hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-    args.learning_rate = new
+    """Set the optimizer and scheduler the Trainer built to the new LR (``result.apply``: the
+    schedule's shape and the param groups' ratios stay)."""
+    args.learning_rate = result.apply(optimizer, scheduler, which=which_lr(args))

@@ -9,37 +9,13 @@ from distlr.core.scaling import SeriesResult
 
 
 def summary(result: LRFinderResult, cli: dict[str, Any] | None = None) -> str:
-    """A few lines for the terminal: the suggestion (or why there is none), how firm it is,
-    what was wrong with the range, how the run ended."""
-    lines = []
-    if result.optimal_lr is not None:
-        lines.append(f"suggested lr: {result.optimal_lr:.3e}  ({result.suggestion_method}; constant LR)")
-        if result.peak_lr is not None:
-            plateau = (result.schedule or {}).get("wsd", {}).get("plateau_lr")
-            wsd = f"; warmup-stable-decay plateau {plateau:.3e}" if plateau is not None else ""
-            lines.append(f"schedule:     one-cycle / warmup-cosine peak {result.peak_lr:.3e}{wsd}")
-        spread = result.confidence
-        if spread is not None:
-            lines.append(f"band:         {spread['low']:.2e} .. {spread['high']:.2e} ({spread['spread']:.1f}x): where "
-                         "another range test (another data order) lands 4 times in 5; --repeats 3 narrows it")
-    else:
-        lines.append(f"no suggestion ({result.suggestion_method}): {result.suggestion_note}")
-    others = ", ".join(
-        f"{name} {lr:.2e}" if lr is not None else f"{name} -" for name, lr in result.suggestions.items()
-    )
-    lines.append(f"all rules:    {others}")
-    extended = f" and {result.extended_steps} past max_lr" if result.extended_steps else ""
-    ended = {
-        "completed": f"ran all {result.num_steps} steps{extended}",
-        "diverged": f"loss diverged at step {_step_of(result)} (lr {_lr_at(result)}), stopped",
-        "non_finite": f"loss was not finite at step {_step_of(result)} (lr {_lr_at(result)}), stopped",
-    }[result.stop_reason]
-    batch = f", global batch {result.global_batch_size}" if result.global_batch_size else ""
-    lines.append(f"range test:   {ended}; {result.world_size} rank(s){batch}; {result.elapsed_s:.1f} s")
+    """What the command line, ``find_lr`` and ``from_accelerator`` print: the result's full
+    summary, with what the command line read and told."""
+    lines = result.summary(full=True).split("\n")
     if cli and cli.get("inputs"):
-        lines.append(f"data:         {describe_inputs(cli['inputs'])}")
-    lines.extend(f"range:        {note}" for note in result.range_notes)
-    lines.extend(f"note:         {note}" for note in [*result.notes, *((cli or {}).get("notes") or [])])
+        at = next(i for i, line in enumerate(lines) if line.startswith("range test:")) + 1
+        lines.insert(at, f"data:         {describe_inputs(cli['inputs'])}")
+    lines.extend(f"note:         {note}" for note in (cli or {}).get("notes") or [])
     return "\n".join(lines)
 
 
@@ -79,15 +55,6 @@ def describe_inputs(inputs: dict) -> str:
         per_rank = f", {inputs['sequences_per_rank']:,} per rank" if "sequences_per_rank" in inputs else ""
         parts.append(f"{inputs['sequences']:,} sequences of {inputs['seq_len']}{per_rank}")
     return "; ".join(parts)
-
-
-def _step_of(result: LRFinderResult) -> str:
-    # Steps count from 1 here, as in the progress log.
-    return "-" if result.diverged_at is None else str(result.diverged_at + 1)
-
-
-def _lr_at(result: LRFinderResult) -> str:
-    return f"{result.lrs[result.diverged_at]:.2e}" if result.diverged_at is not None else "-"
 
 
 def _lr_or_dash(value: float | None) -> str:

@@ -2,9 +2,11 @@
 
     python benchmarks/startup.py
 
-Two measurements: ``python -m distlr`` end to end as a user runs it (wall time of the whole
-process, median of several), and the same path replayed in one process with a timer around
-each phase (imports, model, data, finder, first step, the rest of the range test, outputs).
+Three measurements: ``python -m distlr --help`` against a bare ``python -c pass`` (the
+interpreter's own start, the baseline), with whether torch or transformers got imported;
+``python -m distlr`` end to end as a user runs it (wall time of the whole process, median of
+several); and the same path replayed in one process with a timer around each phase (imports,
+model, data, finder, first step, the rest of the range test, outputs).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def phases() -> dict[str, float]:
     logger.setLevel(logging.INFO)
     logger.addHandler(FirstStep())
     result = finder.find(**cfg.range_test.as_dict(), log_every=1)
-    mark(f"other {result.steps_run - 1} steps + restore")
+    mark("the other steps + restore")  # 99 and the steps past max_lr, if the range went on
     out = Path(tempfile.mkdtemp())
     write_atomic(out / RESULT_FILE, result.to_json())
     finder.plot(out / "lr_finder.png")
@@ -76,6 +78,21 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from common import machine, table
 
+    def wall(cmd: list[str]) -> float:
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    helps = [wall([sys.executable, "-m", "distlr", "--help"]) for _ in range(max(5, args.repeats))]
+    bare = [wall([sys.executable, "-c", "pass"]) for _ in range(max(5, args.repeats))]
+    heavy = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.argv = ['distlr', '--help']\n"
+                            "try: runpy.run_module('distlr', run_name='__main__')\nexcept SystemExit: pass\n"
+                            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', "
+                            "'numpy', 'matplotlib'}))"], check=True, capture_output=True, text=True).stdout
+    print(f"python -m distlr --help: median {statistics.median(helps):.3f} s (min {min(helps):.3f}, max "
+          f"{max(helps):.3f}, {len(helps)} runs); python -c pass: {statistics.median(bare):.3f} s; ratio "
+          f"{statistics.median(helps) / statistics.median(bare):.1f}; heavy modules imported: "
+          f"{heavy.strip().splitlines()[-1]}")
     walls = []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:

@@ -183,7 +183,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> RunConfig:
-        """Build a config from a flat mapping (a YAML file, flags); values may be strings."""
+        """Build a config from a flat mapping (a YAML file, flags); values may be strings, and
+        keys may use the Hugging Face names in ``ALIASES``."""
+        data = canonical_keys(data, source=source)
         types_ = field_types()
         for key in data:
             if key not in types_:
@@ -193,6 +195,29 @@ class RunConfig:
         values = {k: coerce(k, v, types_[k]) for k, v in data.items()}
         range_test = RangeTestArgs(**{k: v for k, v in values.items() if k in RangeTestArgs.names()})
         return cls(range_test=range_test, **{k: v for k, v in values.items() if k not in RangeTestArgs.names()})
+
+
+ALIASES = {"gradient_accumulation_steps": "accumulation_steps", "mixed_precision": "amp",
+           "per_device_train_batch_size": "batch_size"}
+"""The names Hugging Face's ``TrainingArguments`` and Accelerate give three of distlr's keys,
+taken as flags (``--gradient-accumulation-steps``) and YAML keys alike."""
+
+
+def canonical_keys(data: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """``data`` with the ``ALIASES`` spelled as distlr's keys.
+
+    Raises:
+        ValueError: a key given under both names with different values, naming both.
+    """
+    out = {k: v for k, v in data.items() if k not in ALIASES}
+    for alias, key in ALIASES.items():
+        if alias not in data:
+            continue
+        if key in data and str(data[key]) != str(data[alias]):
+            raise ValueError(f"{source} gives {key}={data[key]!r} and {alias}={data[alias]!r}, two names for the "
+                             f"same setting; keep one")
+        out[key] = data[alias]
+    return out
 
 
 def field_types() -> dict[str, Any]:
@@ -254,9 +279,18 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
             return int(value)
         if base is float:
             return float(value)
+        if value is False and "no" in _literal_values(tp):
+            return "no"  # YAML reads an unquoted `amp: no` as false; "no" is what was written
         return str(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name}={value!r} is not a valid {base.__name__}") from None
+
+
+def _literal_values(tp: Any) -> tuple[Any, ...]:
+    """The values a ``Literal`` (or ``Literal | None``) type allows; () for any other type."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    return tuple(v for arg in typing.get_args(tp) for v in _literal_values(arg))
 
 
 def _check_type(name: str, value: Any, tp: Any) -> None:

@@ -8,7 +8,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from distlr.cli.config import BUILTIN_MODELS, RunConfig, base_type, field_defaults, field_help, field_types, load_yaml
+from distlr.cli.config import (ALIASES, BUILTIN_MODELS, RunConfig, base_type, canonical_keys, field_defaults, field_help,
+                               field_types, load_yaml)
 from distlr.core.options import AMP_MODES, closest
 
 DESCRIPTION = """\
@@ -46,6 +47,11 @@ def _parser_and_flags() -> tuple[argparse.ArgumentParser, list[str]]:
         else:
             parser.add_argument(*names, dest=name, metavar="VALUE", default=argparse.SUPPRESS, help=help_text)
             options += names
+    for alias, name in ALIASES.items():
+        names = [f"--{alias.replace('_', '-')}", f"--{alias}"]
+        parser.add_argument(*names, dest=alias, metavar="VALUE", default=argparse.SUPPRESS,
+                            help=f"the Hugging Face / Accelerate name of --{name.replace('_', '-')}")
+        options += names
     return parser, options
 
 
@@ -72,7 +78,10 @@ def parse_cli_sources(argv: list[str] | None = None) -> tuple[RunConfig, dict[st
     values = vars(args)
     config_file = values.pop("config", None)
     values.pop("local_rank", None)
-    given = _paths_from(Path(config_file), load_yaml(config_file)) if config_file else {}
+    values = canonical_keys(values, source="the command line")
+    given = {}
+    if config_file:
+        given = canonical_keys(_paths_from(Path(config_file), load_yaml(config_file)), source=f"--config {config_file}")
     given.update(values)
     launched = from_accelerate_launch(os.environ, given=given.keys())
     merged = {**launched, **given}

@@ -34,7 +34,8 @@ def test_the_pages_mark_an_example_for_each_stack():
     runs = {(code.splitlines()[0].split(":")[0], launcher) for launcher, _, _, code in examples()}
     assert runs == {("# quickstart.py", "python"), ("# quickstart.py", "torchrun"),
                     ("# find_lr_trainer.py", "torchrun"), ("# find_lr_accelerate.py", "accelerate"),
-                    ("# find_lr_fsdp.py", "torchrun")}
+                    ("# find_lr_fsdp.py", "torchrun"), ("# find_lr_nanogpt.py", "python"),
+                    ("# apply_anywhere.py", "python"), ("# search_space.py", "python")}
 
 
 def anchors(page: Path) -> set[str]:

@@ -22,6 +22,9 @@ from distlr.dist.launch import launch_info
 
 logger = logging.getLogger("distlr")
 
+REPORT_FAILED = 3
+"""The exit code of a run whose results are written but that a tracker (``--report-to``) could not take."""
+
 
 def main(argv: list[str] | None = None, *, recorded: bool = False) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None, *, recorded: bool = False) -> int:
 
 def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
     """The run a parsed config asks for; the exit code (2 bad input, 1 a failure distlr explains,
-    130 Ctrl-C, 143 SIGTERM)."""
+    3 results written but a tracker failed, 130 Ctrl-C, 143 SIGTERM)."""
     import yaml
 
     from distlr.cli.build import build, build_dataloader, build_trainable, output_dir, seed_everything
@@ -64,7 +67,10 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
     for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
         warnings.filterwarnings("ignore", message=f"`torch.distributed.{name}` is deprecated", category=FutureWarning)
     session: Session | None = None
+    code = 0
     made: Path | None = None  # an output directory this run created, removed again if left empty
+    claim: files.Claim | None = None  # rank 0's hold on the output directory, for the whole run
+    kept = (0, False)  # a series' runs already on disk, and whether that is all of them
     try:
         session = start_session(cfg.device, dist_backend=cfg.dist_backend, dist_timeout=cfg.dist_timeout,
                                 make_group=cfg.deepspeed is not None or cfg.fsdp, keep_group=cfg.deepspeed is not None)
@@ -72,7 +78,7 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
         report_to = trackers.parse(cfg.report_to)
         trackers.check(report_to)  # before anything runs, on every rank
         seed_everything(cfg.seed)
-        out_dir, made = output_dir(cfg, ctx, given)
+        out_dir, made, claim = output_dir(cfg, ctx, given)
         built = build(cfg.model, seq_len=cfg.seq_len)
         loader, inputs = build_dataloader(cfg, built)
         val_loader = None if cfg.val_data is None else build_dataloader(cfg.for_data(cfg.val_data), built)[0]
@@ -89,10 +95,18 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
             cli = {"inputs": inputs, "notes": built.notes}  # what only the command line knows
             find_args = {**cfg.find_args(), "val_loader": val_loader, "progress": cfg.progress,
                          "log_every": cfg.log_every}
+            saved = yaml.safe_dump(cfg.to_saved_dict(), sort_keys=False)
             if cfg.is_series:
-                series = finder.series(cfg.batch_sizes(), cfg.repeats, **find_args,
+                def keep(so_far: Any) -> None:  # each finished run reaches the disk: an interrupt loses none
+                    nonlocal kept
+                    if is_main:
+                        files.write_atomic(out_dir / files.CONFIG_FILE, saved)
+                        files.write_atomic(out_dir / files.SERIES_FILE, _series_json(so_far, cli))
+                    kept = len(so_far.runs), len(so_far.runs) == so_far.planned
+
+                series = finder.series(cfg.batch_sizes(), cfg.repeats, **find_args, on_run=keep,
                                        target_global_batch_size=cfg.target_global_batch_size)
-                written = {files.SERIES_FILE: json.dumps({**series.to_dict(), "cli": cli}, indent=2, allow_nan=False)}
+                written = {files.SERIES_FILE: _series_json(series, cli)}
                 report, draw = series_summary(series), lambda path: plot_series(series, path)
                 figure = out_dir / files.SERIES_PLOT_FILE
             else:
@@ -103,15 +117,17 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
                 report, draw = summary(result, cli), lambda path: finder.plot(path)
                 figure = out_dir / files.PLOT_FILE
             if is_main:
-                written[files.CONFIG_FILE] = yaml.safe_dump(cfg.to_saved_dict(), sort_keys=False)
+                written[files.CONFIG_FILE] = saved
                 for name, text in written.items():
                     files.write_atomic(out_dir / name, text)
                 draw(figure)
                 print(report)
                 print("wrote " + ", ".join(str(out_dir / name) for name in [*written, figure.name]))
                 if not cfg.is_series:
-                    for where in trackers.log(result, report_to, figure=figure, log_dir=out_dir):
+                    reported = trackers.log(result, report_to, figure=figure, log_dir=out_dir)
+                    for where in reported:
                         print("logged to " + where)
+                    code = REPORT_FAILED if reported.failed else 0
         made = None  # the run wrote its results: the directory stays
     except (ValueError, TypeError, OSError, ImportError, D.RankFailure) as err:
         return _fail(err, is_main)  # what the user can fix by changing the command
@@ -121,13 +137,22 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
         if is_main:
             what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
             print(f"distlr: {what}; the model, optimizer and RNG state were put back", file=sys.stderr)
+            if kept[0] and not kept[1]:
+                print(f"distlr: kept the {kept[0]} finished run(s) of the series in {out_dir / files.SERIES_FILE} "
+                      '("complete": false)', file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
     finally:
+        if claim is not None:
+            claim.release()
         if made is not None:
             files.remove_if_empty(made)
         if session is not None:
             session.close()
-    return 0
+    return code
+
+
+def _series_json(series: Any, cli: dict[str, Any]) -> str:
+    return json.dumps({**series.to_dict(), "cli": cli}, indent=2, allow_nan=False)
 
 
 def _fail(err: BaseException, is_main: bool, *, code: int = 2) -> int:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from distlr.cli.config import BUILTIN_MODELS, RunConfig
 from distlr.cli.corpus import MaskedLMCollate, PackedTokens, byte_tokens, read_corpus
 from distlr.dist import collectives as D
-from distlr.output.files import CONFIG_FILE, new_output_dir
+from distlr.output.files import CONFIG_FILE, Claim, new_output_dir
 
 BYTE_VOCAB = 256
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -319,11 +319,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def output_dir(cfg: RunConfig, ctx: D.DistContext, given: Path | None) -> tuple[Path, Path | None]:
-    """Rank 0 makes the output directory (never over an earlier result, never over the config
-    file it was given) and tells the others; also the directory if rank 0 created it.
+def output_dir(cfg: RunConfig, ctx: D.DistContext, given: Path | None) -> tuple[Path, Path | None, Claim | None]:
+    """Rank 0 makes and claims the output directory (never over an earlier result or a live
+    run's directory, never over the config file it was given) and tells the others; also the
+    directory if rank 0 created it, and rank 0's claim on it (release it when the run ends).
     Collective: every rank must call this."""
-    path, created = None, False
+    path, created, claim = None, False, None
     with D.agree_on_failure(ctx):
         if cfg.output_dir is not None and given is not None and \
                 (Path(cfg.output_dir) / CONFIG_FILE).resolve() == given.resolve():
@@ -331,6 +332,6 @@ def output_dir(cfg: RunConfig, ctx: D.DistContext, given: Path | None) -> tuple[
                              "this run would write; choose another --output-dir (distlr never writes over the "
                              "file it was given)")
         if ctx.is_main:
-            path, created = new_output_dir(cfg.output_dir, overwrite=cfg.overwrite)
+            path, created, claim = new_output_dir(cfg.output_dir, overwrite=cfg.overwrite)
     path = D.broadcast_object(ctx, path)
-    return path, path if created and ctx.is_main else None
+    return path, path if created and ctx.is_main else None, claim

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,44 +17,111 @@ SERIES_FILE = "series.json"
 SERIES_PLOT_FILE = "series.png"
 CONFIG_FILE = "config.yaml"
 TUNED_DS_FILE = "ds_config.tuned.json"
-OUTPUTS = (RESULT_FILE, PLOT_FILE, CONFIG_FILE, TUNED_DS_FILE)
+OUTPUTS = (RESULT_FILE, PLOT_FILE, SERIES_FILE, SERIES_PLOT_FILE, CONFIG_FILE, TUNED_DS_FILE)
 
 
-def new_output_dir(requested: str | None, *, overwrite: bool, root: str | Path = "distlr-runs") -> tuple[Path, bool]:
-    """Create and return the directory results go to, and whether it was created here.
+CLAIM_FILE = ".distlr-run.lock"
+"""Held (``flock``) by the run writing into a directory, with its PID and host inside; removed
+when the run ends. The lock, not the file, says a run is alive: a crashed run's lock is free."""
 
-    With no ``requested`` path: a new timestamped folder under ``root``. A requested directory
-    that already holds a result is refused unless ``overwrite`` is set.
+
+class Claim:
+    """A run's hold on its output directory: an exclusive ``flock`` on ``CLAIM_FILE``, taken
+    before anything is written and held until ``release()``. Two runs started at once into one
+    directory cannot both hold it; the kernel drops the lock of a run that died."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+
+    def take(self) -> None:
+        """Hold the directory, or raise ``FileExistsError`` naming the run that holds it."""
+        import fcntl
+
+        lock = self.directory / CLAIM_FILE
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise FileExistsError(
+                    f"output_dir={str(self.directory)!r} is in use by a distlr run that is still going ({owner}); "
+                    "wait for it to end or choose another --output-dir (--overwrite never writes over a live run)"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file the previous holder unlinked while we waited for it
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the directory up (unlink, then unlock: a waiting run retries on the new file)."""
+        if self._fd is None:
+            return
+        Path(self.directory / CLAIM_FILE).unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
+def new_output_dir(requested: str | None, *, overwrite: bool, root: str | Path = "distlr-runs") -> tuple[Path, bool, Claim]:
+    """Create, claim and return the directory results go to, whether it was created here, and
+    the claim (release it when the run ends).
+
+    With no ``requested`` path: a new timestamped folder under ``root``, made with an exclusive
+    ``mkdir`` (two runs in the same second get two folders). A requested directory is claimed
+    (see ``Claim``) before it is checked, so two runs started at once cannot both pass the
+    check: the second is refused with the first one's PID. A directory that already holds a
+    result is refused unless ``overwrite`` is set.
 
     Raises:
-        FileExistsError: the directory holds earlier results and ``overwrite`` is False.
+        FileExistsError: another run holds the directory, or it holds earlier results and
+            ``overwrite`` is False.
         PermissionError / NotADirectoryError: the directory cannot be written.
     """
     if requested is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = Path(root) / stamp
+        base = Path(root) / time.strftime("%Y%m%d-%H%M%S")
         path, n = base, 1
-        while path.exists():
-            path, n = Path(f"{base}-{n}"), n + 1
+        _make(path.parent, exist_ok=True)
+        while True:
+            try:
+                path.mkdir()  # exclusive: exactly one run makes each name
+                break
+            except FileExistsError:
+                path, n = Path(f"{base}-{n}"), n + 1
+        created = True
     else:
         path = Path(requested)
-        found = [name for name in OUTPUTS if (path / name).exists()]
-        if found and not overwrite:
-            raise FileExistsError(
-                f"output_dir={str(path)!r} already holds {', '.join(found)}; choose another --output-dir "
-                "or pass --overwrite"
-            )
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(f"output_dir={str(path)!r} exists and is not a directory")
-    created = not path.exists()
+        created = not path.exists()
+        _make(path, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"output_dir={str(path)!r} is not writable; choose a writable --output-dir")
+    claim = Claim(path)
+    claim.take()
+    found = [name for name in OUTPUTS if (path / name).exists()]
+    if found and not overwrite:
+        claim.release()
+        raise FileExistsError(
+            f"output_dir={str(path)!r} already holds {', '.join(found)}; choose another --output-dir "
+            "or pass --overwrite"
+        )
+    return path, created, claim
+
+
+def _make(path: Path, *, exist_ok: bool) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=exist_ok)
     except OSError as err:
         raise OSError(f"output_dir={str(path)!r} cannot be created ({err.strerror or err}); choose a writable "
                       "--output-dir") from None
-    if not os.access(path, os.W_OK):
-        raise PermissionError(f"output_dir={str(path)!r} is not writable; choose a writable --output-dir")
-    return path, created
 
 
 def free_name(path: Path, also: tuple[str, ...] = ()) -> Path:

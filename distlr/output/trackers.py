@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable
@@ -34,6 +35,8 @@ from typing import Any
 from distlr.core.options import closest
 from distlr.core.result import LRFinderResult
 from distlr.output.files import free_name
+
+logger = logging.getLogger("distlr")
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 """Each tracker's name is also the module it needs."""
@@ -86,16 +89,35 @@ def summary_of(result: LRFinderResult) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
 
 
-def log(result: LRFinderResult, names: Iterable[str], *, figure: Path | None, log_dir: Path) -> list[str]:
+class Reported(list):
+    """Where each tracker put the result (a list of lines), and ``failed``: one line per tracker
+    that could not take it (its name and the cause)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: list[str] = []
+
+
+def log(result: LRFinderResult, names: Iterable[str], *, figure: Path | None, log_dir: Path) -> Reported:
     """Send ``result`` to each tracker in ``names``; return where each one put it.
+
+    Fails soft: the result is already on disk when this runs, so a tracker that raises (a bad
+    tracking URI, a full disk, a server down) is a warning naming it and the cause, recorded in
+    the return value's ``failed``, and the other trackers still get the result.
 
     ``figure``: the plot PNG, if drawn. ``log_dir``: where TensorBoard writes (and W&B keeps
     its offline run).
     """
-    where = []
+    reported = Reported()
     for name in names:
-        where.append(_LOGGERS[name](result, figure, Path(log_dir)))
-    return where
+        try:
+            reported.append(_LOGGERS[name](result, figure, Path(log_dir)))
+        except Exception as err:  # noqa: BLE001 - any tracker failure, named and kept from the result
+            cause = (str(err).strip().splitlines() or [""])[0][:300]
+            reported.failed.append(f"{name}: {type(err).__name__}: {cause}")
+            logger.warning("distlr: warning: reporting to %s failed (%s: %s); the result itself is written",
+                           name, type(err).__name__, cause)
+    return reported
 
 
 def _curve(result: LRFinderResult) -> list[tuple[float, float, float]]:

@@ -1,0 +1,113 @@
+"""Round three of reliability, from the command line as users run it: an output directory is
+claimed before anything is written (a live run's is refused with its PID, a dead run's taken
+over), a tracker failing after the results are written is a warning and exit code 3, and a
+series stopped part way keeps the runs it finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distlr.__main__ import REPORT_FAILED, main
+from distlr.output.files import CLAIM_FILE, Claim
+
+pytestmark = pytest.mark.timeout(300)
+FAST = ["--num-steps", "12", "--batch-size", "4", "--seq-len", "16", "--no-progress"]
+
+
+def test_a_directory_a_live_run_holds_is_refused_with_its_pid_even_with_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    live = Claim(out)
+    live.take()  # what a run started a moment earlier holds
+    try:
+        for extra in ([], ["--overwrite"]):
+            assert main([*FAST, "--output-dir", str(out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"output_dir={str(out)!r} is in use by a distlr run that is still going (pid {os.getpid()}" in err
+        assert sorted(p.name for p in out.iterdir()) == [CLAIM_FILE, "notes.txt"]  # nothing written
+    finally:
+        live.release()
+    assert main([*FAST, "--output-dir", str(out)]) == 0  # free again once that run ended
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "lr_finder.png", "notes.txt", "result.json"]
+
+
+def test_the_claim_of_a_run_that_died_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / CLAIM_FILE).write_text("pid 999999 on elsewhere, since 01:02:03")  # left by a SIGKILLed run
+    assert main([*FAST, "--output-dir", str(out)]) == 0
+    assert (out / "result.json").is_file() and not (out / CLAIM_FILE).exists()
+
+
+def test_two_runs_in_the_same_second_get_two_directories(tmp_path):
+    from distlr.output.files import new_output_dir
+
+    first, _, a = new_output_dir(None, overwrite=False, root=tmp_path)
+    second, _, b = new_output_dir(None, overwrite=False, root=tmp_path)  # same timestamp
+    assert first != second and first.is_dir() and second.is_dir()
+    a.release(), b.release()
+
+
+def test_a_tracker_failing_after_the_results_are_written_is_a_warning_and_exit_code_3(tmp_path, capsys, caplog, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    # MLflow refuses a file:// store now: the case a user hit (the result was written, then a traceback).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    out = tmp_path / "out"
+    assert main([*FAST, "--output-dir", str(out), "--report-to", "mlflow,tensorboard"]) == REPORT_FAILED == 3
+    captured = capsys.readouterr()
+    assert "distlr: warning: reporting to mlflow failed (MlflowException: " in caplog.text  # stderr in a run
+    assert "Traceback" not in captured.err + caplog.text
+    assert json.loads((out / "result.json").read_text())["optimal_lr"] is not None
+    assert f"logged to tensorboard: {out / 'lr_finder'}" in captured.out  # the other tracker still got it
+
+
+def _series_runs(path: Path) -> int:
+    try:
+        return len(json.loads(path.read_text())["runs"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGINT, 130, "interrupted")])
+def test_a_series_stopped_part_way_keeps_its_finished_runs(tmp_path, sig, code, word):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "distlr", "--global-batch-sizes", "4,8,16", "--repeats", "2", "--num-steps", "40",
+            "--batch-size", "4", "--seq-len", "16", "--no-progress", "--output-dir", str(out)]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 200
+        while _series_runs(out / "series.json") < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the series ended before it could be stopped"
+        proc.send_signal(sig)  # during run 3 of 6
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stdout + stderr
+    series = json.loads((out / "series.json").read_text())
+    assert series["complete"] is False and series["runs_planned"] == 6
+    finished = len(series["runs"])
+    assert finished >= 2 and [r["global_batch_size"] for r in series["runs"]] == [4, 4, 8, 8][:finished]
+    assert all(r["result"]["losses"] for r in series["runs"])
+    assert (out / "config.yaml").is_file() and not (out / CLAIM_FILE).exists()
+    assert f"distlr: {word}; the model, optimizer and RNG state were put back" in stderr
+    assert f"kept the {finished} finished run(s) of the series in {out / 'series.json'}" in stderr
+
+
+def test_a_finished_series_is_marked_complete(tmp_path):
+    out = tmp_path / "out"
+    assert main(["--global-batch-sizes", "4,8", *FAST, "--output-dir", str(out)]) == 0
+    series = json.loads((out / "series.json").read_text())
+    assert series["complete"] is True and series["runs_planned"] == len(series["runs"]) == 2

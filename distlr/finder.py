@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +333,7 @@ class LRFinder:
         repeats: int = 1,
         *,
         target_global_batch_size: int | None = None,
+        on_run: Callable[[SeriesResult], None] | None = None,
         **find_kwargs: Any,
     ) -> SeriesResult:
         """One range test per global batch size and repeat, all in this job: every rank takes
@@ -348,6 +349,9 @@ class LRFinder:
                 batch size x ranks x ``accumulation_steps``).
             repeats: runs per size, each with its own data order (>= 1).
             target_global_batch_size: a size to predict the LR for from the fit.
+            on_run: called on every rank after each run with the series so far (``complete``
+                False until the last run), e.g. to write it to disk, so that an interrupted
+                series keeps the runs it finished (the CLI writes ``series.json`` this way).
             **find_kwargs: ``find()``'s arguments; ``accumulation_steps`` only without
                 ``global_batch_sizes`` (each size's split decides it).
 
@@ -397,9 +401,11 @@ class LRFinder:
                 self.train_dataloader = reshuffled(original, self.ctx, batch_size=micro, seed=seed)
                 result = self.find(**find_kwargs, accumulation_steps=accumulation)
                 runs.append(SeriesRun(size, repeat, seed, micro, accumulation, result))
+                if on_run is not None:
+                    on_run(SeriesResult(list(runs), world, target_global_batch_size, planned=len(plan)))
         finally:
             self.train_dataloader = original
-        return SeriesResult(runs, world, target_global_batch_size)
+        return SeriesResult(runs, world, target_global_batch_size, planned=len(plan))
 
     def sweep(self, *args: Any, **kwargs: Any) -> SeriesResult:
         """Deprecated spelling of ``series`` (a "sweep" is one range test everywhere else); it

@@ -162,6 +162,13 @@ class SeriesResult:
     runs: list[SeriesRun]
     world_size: int
     target_global_batch_size: int | None = None
+    planned: int | None = None
+    """How many runs the series was to make (None: as many as it holds)."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether every planned run finished (False for a series interrupted part way)."""
+        return self.planned is None or len(self.runs) >= self.planned
 
     @property
     def fit(self) -> PowerFit | None:
@@ -184,7 +191,9 @@ class SeriesResult:
 
     def to_dict(self) -> dict[str, Any]:
         fit = self.fit
-        return {"world_size": self.world_size, "runs": [r.to_dict() for r in self.runs],
+        return {"world_size": self.world_size, "complete": self.complete,
+                "runs_planned": len(self.runs) if self.planned is None else self.planned,
+                "runs": [r.to_dict() for r in self.runs],
                 "fit": None if fit is None else fit.to_dict(),
                 "spread": {str(b): s.to_dict() for b, s in self.spreads().items()},
                 "prediction": self.prediction()}

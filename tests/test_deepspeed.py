@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,8 +198,9 @@ def bad_inputs(out: Path) -> dict:
 
 @scenarios
 def no_trace_in_the_process(out: Path) -> dict:
-    """As in a plain process (no launcher, so no LOCAL_RANK): building and using an engine
-    leaves the environment and DeepSpeed's op table as they were."""
+    """As in a plain process (no launcher, so no LOCAL_RANK): building and using a ZeRO-3 engine
+    (which reads LOCAL_RANK in its forward pass) leaves the environment and DeepSpeed's op
+    table as they were."""
     import deepspeed
 
     launcher_local_rank = os.environ.pop("LOCAL_RANK")
@@ -205,13 +208,14 @@ def no_trace_in_the_process(out: Path) -> dict:
         before = {"LOCAL_RANK": os.environ.get("LOCAL_RANK"),
                   "shm_comm": deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm", "absent")}
         loader = DataLoader(regression_data(n=256), batch_size=8)
-        with LRFinder(mlp(), loader, criterion=mse, device="cpu", deepspeed_config=ds_config(1)) as finder:
+        with LRFinder(mlp(), loader, criterion=mse, device="cpu", deepspeed_config=ds_config(3)) as finder:
             result = finder.find(min_lr=1e-4, max_lr=1e-2, num_steps=5, extend_range=False)
+            between = os.environ.get("LOCAL_RANK")  # after find(), before the finder is closed
         after = {"LOCAL_RANK": os.environ.get("LOCAL_RANK"),
                  "shm_comm": deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm", "absent")}
     finally:
         os.environ["LOCAL_RANK"] = launcher_local_rank
-    return {"before": before, "after": after, "steps": result.steps_run}
+    return {"before": before, "after": after, "between": between, "steps": result.steps_run}
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -333,8 +337,37 @@ def test_a_misspelled_deepspeed_key_is_warned_about_by_name(ds_run):
 def test_building_an_engine_leaves_no_trace_in_the_process(ds_run):
     for record in read_ranks(ds_run, "no_trace_in_the_process"):
         assert record["steps"] == 5
-        assert record["before"]["LOCAL_RANK"] is None
+        assert record["before"]["LOCAL_RANK"] is None and record["between"] is None
         assert record["after"] == record["before"]
+
+
+PLAIN_ZERO3 = """
+import os, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from distlr import LRFinder
+
+torch.manual_seed(0)
+x = torch.randn(512, 8)
+loader = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+config = {"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 3},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+with LRFinder(model, loader, criterion=nn.MSELoss(), deepspeed_config=config) as finder:
+    result = finder.find(num_steps=20, min_lr=1e-5, max_lr=1.0)
+print("steps", result.steps_run, "LOCAL_RANK" in os.environ)
+"""
+
+
+def test_zero3_runs_in_a_plain_python_process_without_local_rank(tmp_path):
+    """The regression a user hit: KeyError 'LOCAL_RANK' at ZeRO-3's first forward."""
+    script = tmp_path / "plain_zero3.py"
+    script.write_text(PLAIN_ZERO3)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0 and "steps 20 False" in proc.stdout, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("config, launcher", [("zero1", "torchrun"), ("zero2", "deepspeed"), ("zero3", "torchrun"),

@@ -139,29 +139,39 @@ def build_engine(
 @contextlib.contextmanager
 def _initialize_environment(deepspeed: Any, ctx: D.DistContext) -> Iterator[None]:
     """What ``deepspeed.initialize`` needs from the process, set for the call and put back after:
-    the process keeps no trace of having built an engine.
-
-    - ``LOCAL_RANK``: deepspeed.initialize asserts that a launcher set it; a plain process has none.
-    - On the CPU, no shared-memory comm op: a CPU-only speed-up that JIT-compiles for over a
-      minute when the engine sets up its communication; gloo runs the same collectives.
+    ``LOCAL_RANK`` (see ``local_rank_for``), and on the CPU no shared-memory comm op: a CPU-only
+    speed-up that JIT-compiles for over a minute when the engine sets up its communication;
+    gloo runs the same collectives.
     """
-    env_before = os.environ.get("LOCAL_RANK")
     ops = deepspeed.ops.__compatible_ops__
     missing = object()
     op_before = ops.get("deepspeed_shm_comm", missing)
-    if env_before is None:
-        os.environ["LOCAL_RANK"] = str(ctx.local_rank)
     if ctx.device.type == "cpu":
         ops["deepspeed_shm_comm"] = False
     try:
-        yield
+        with local_rank_for(ctx):
+            yield
     finally:
-        if env_before is None:
-            os.environ.pop("LOCAL_RANK", None)
         if op_before is missing:
             ops.pop("deepspeed_shm_comm", None)
         else:
             ops["deepspeed_shm_comm"] = op_before
+
+
+@contextlib.contextmanager
+def local_rank_for(ctx: D.DistContext) -> Iterator[None]:
+    """``LOCAL_RANK`` for the length of a call into DeepSpeed, when no launcher set it (a plain
+    ``python`` process): ``deepspeed.initialize`` asserts it, and ZeRO-3 reads it again in the
+    forward pass (to place the tensors it broadcasts) and in checkpointing. It is removed again
+    when the call returns, so the user's environment never holds it outside distlr's calls."""
+    if "LOCAL_RANK" in os.environ:
+        yield
+        return
+    os.environ["LOCAL_RANK"] = str(ctx.local_rank)
+    try:
+        yield
+    finally:
+        os.environ.pop("LOCAL_RANK", None)
 
 
 def _offloads_optimizer(cfg: dict[str, Any]) -> bool:
@@ -235,6 +245,10 @@ class DeepSpeedBackend:
 
     def train_step(self, micro_batches: Sequence[Any], step: int) -> torch.Tensor:
         """DeepSpeed's forward, backward and step over one optimizer step's micro-batches."""
+        with local_rank_for(self.ctx):
+            return self._train_step(micro_batches, step)
+
+    def _train_step(self, micro_batches: Sequence[Any], step: int) -> torch.Tensor:
         engine = self.engine
         if not engine.training:
             engine.train()
@@ -256,8 +270,9 @@ class DeepSpeedBackend:
 
     def eval_loss(self, batches: Sequence[Any]) -> torch.Tensor:
         # ZeRO-3 gathers the parameters for an eval forward as for a training one.
-        return eval_pass(self.engine, batches, self._val_stats, prepare=self._prepare, causal_lm=self.causal_lm,
-                         loss_of=lambda batch: compute_loss(self.engine, batch, self.criterion, self.loss_fn))
+        with local_rank_for(self.ctx):
+            return eval_pass(self.engine, batches, self._val_stats, prepare=self._prepare, causal_lm=self.causal_lm,
+                             loss_of=lambda batch: compute_loss(self.engine, batch, self.criterion, self.loss_fn))
 
     def _prepare(self, raw: Any) -> Any:
         batch = prepare_batch(raw, self.device, causal_lm=self.causal_lm, has_criterion=self.criterion is not None)
@@ -299,6 +314,10 @@ class DeepSpeedSnapshot:
         return tensors
 
     def take(self) -> None:
+        with local_rank_for(self.ctx):
+            self._take()
+
+    def _take(self) -> None:
         engine = self.engine
         if engine.micro_steps % engine.gradient_accumulation_steps() != 0:
             raise ValueError("the DeepSpeed engine is in the middle of a gradient accumulation "
@@ -333,6 +352,10 @@ class DeepSpeedSnapshot:
         check_free_space(self.directory.parent, need)
 
     def restore(self) -> None:
+        with local_rank_for(self.ctx):
+            self._restore()
+
+    def _restore(self) -> None:
         saved = self._saved
         assert saved is not None, "restore() before take()"
         engine = self.engine

@@ -391,7 +391,7 @@ def test_bad_curves_raise(lrs, losses, match):
 
 def test_every_rule_has_one_signature_and_suggest_all_runs_them_in_order():
     for rule in SUGGESTION_RULES.values():
-        assert list(inspect.signature(rule).parameters) == ["curve"]
+        assert list(inspect.signature(rule).parameters) == ["curve", "losses", "smoothed", "diverged"]
     lrs = np.geomspace(1e-7, 10.0, 100)
     curve = Curve.of(lrs, drop_then_climb(lrs, 1e-3))
     every = suggest_all(curve)

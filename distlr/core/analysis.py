@@ -6,6 +6,7 @@ Pure: numpy only, no torch.distributed, no I/O. Rank 0 calls it and broadcasts w
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +19,7 @@ from distlr.core.options import RangeTestArgs
 from distlr.core.result import LRFinderResult
 from distlr.core.rules import (CONSTANT_DIVISOR, MIN_POINTS, MIN_WIDTH, PEAK_DIVISOR, SUGGESTION_RULES,
                                VAL_CONSTANT_DIVISOR, VAL_PEAK_DIVISOR, VAL_WSD_DIVISOR, WIDTH_FRACTION, WSD_DIVISOR,
-                               Suggestion, below_turn_up, blow_up, read_curve, suggest_all)
+                               Suggestion, below_turn_up, read_curve, suggest_all, usable_points)
 from distlr.core.schedule import recommend_schedule
 from distlr.core.smoothing import StopReason, ema
 
@@ -55,11 +56,13 @@ READINGS = {"constant": (CONSTANT_DIVISOR, VAL_CONSTANT_DIVISOR, "the suggestion
 validation loss's, what the number is)."""
 
 
-def default_number(curve: Curve, val: Curve | None, kind: str) -> Suggestion:
+def default_number(curve: Curve, val: Curve | None, kind: str, *, diverged: bool = False) -> Suggestion:
     """One of the default's numbers (``READINGS``): below the turn-up of the training loss, and
-    with a validation curve the lower of that and the same below the validation loss's turn-up."""
+    with a validation curve the lower of that and the same below the validation loss's turn-up.
+    ``diverged`` (the training loss diverged or blew up right after the curve) goes to the
+    training loss's reading only: the validation loss did not diverge."""
     train_divisor, val_divisor, what = READINGS[kind]
-    found = below_turn_up(curve, train_divisor, what=what)
+    found = below_turn_up(curve, train_divisor, what=what, diverged=diverged)
     if val is None:
         return found
     from_val = below_turn_up(val, val_divisor, what=what)
@@ -70,16 +73,11 @@ def default_number(curve: Curve, val: Curve | None, kind: str) -> Suggestion:
 
 def usable_curve(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
                  diverged_at: int | None) -> Curve:
-    """The points the rules may read: those before the diverging point (the explosion, not the
-    curve), of those only the ones whose loss is finite, and of those only the ones before the
-    loss blew up (``distlr.suggest.blow_up``: a spike the EMA's stop decision rode out)."""
-    end = diverged_at if diverged_at is not None else len(losses)
-    keep = [i for i in range(end) if math.isfinite(losses[i]) and math.isfinite(smoothed[i])]
-    curve = Curve.of([lrs[i] for i in keep], [losses[i] for i in keep], [smoothed[i] for i in keep])
-    cut = blow_up(curve)
-    if cut is None:
-        return curve
-    return curve.head(cut)
+    """The points the rules may read (``distlr.core.rules.usable_points`` up to ``diverged_at``):
+    those before the diverging point (the explosion, not the curve), of those only the ones whose
+    loss is finite, and of those only the ones before the loss blew up (``blow_up``: a spike the
+    EMA's stop decision rode out)."""
+    return usable_points(lrs, losses, smoothed, end=diverged_at).curve
 
 
 def validation_curve(lrs: Sequence[float], val_steps: Sequence[int], val_losses: Sequence[float],
@@ -136,6 +134,13 @@ def confidence(curve: Curve, rule: Callable[[Curve], Suggestion], *, smooth_fact
             "noise_high": float(noise_high), "answered": len(picks) / draws, "draws": draws}
 
 
+FIRST_STEP_NOT_FINITE = (
+    "the loss was not finite at step 1, before any optimizer step: no LR had acted yet, so the cause is the model, "
+    "the data or the loss, not the range (a NaN or inf in the inputs or labels, a log of 0, fp16 overflowing in the "
+    "forward pass); lowering min_lr would not help")
+"""The first loss is computed before the first update, so a NaN there says nothing about the LR."""
+
+
 def range_notes(curve: Curve, *, num_steps: int, stop_reason: str, diverged_at: int | None, max_lr: float,
                 min_lr: float, extended_steps: int) -> list[str]:
     """What was wrong with the range tried, and what to change. Empty when nothing."""
@@ -144,9 +149,7 @@ def range_notes(curve: Curve, *, num_steps: int, stop_reason: str, diverged_at: 
     if stop_reason != "completed" and diverged_at is not None and diverged_at < max(
             MIN_POINTS, EARLY_DIVERGENCE_FRACTION * num_steps):
         if diverged_at == 0:
-            notes.append(f"the loss was not finite or blew up at the first step (lr={min_lr:.3g}): the model or the "
-                         "data give no usable loss even at the lowest LR; check the inputs and labels, then lower "
-                         f"min_lr (e.g. to {min_lr / 1000:.0e})")
+            notes.append(FIRST_STEP_NOT_FINITE)
         else:
             notes.append(f"the loss diverged at step {diverged_at + 1} of {num_steps}, almost at once: the range "
                          f"started too high; lower min_lr (e.g. to {min_lr / 1000:.0e})")
@@ -194,14 +197,19 @@ def build_result(history: History, args: RangeTestArgs, run: RunFacts = RunFacts
         True
     """
     lrs, losses, smoothed = history.lrs, history.losses, history.smoothed
-    curve = usable_curve(lrs, losses, smoothed, history.diverged_at)
-    suggestions = suggest_all(curve)
+    points = usable_points(lrs, losses, smoothed, end=history.diverged_at)
+    curve = points.curve
+    # The loss rose right after the curve's last point: the range test stopped there, or the
+    # rules read only up to a blow-up. Either is a response to the LR, whatever the curve shows.
+    rose = history.diverged_at is not None or points.blew_up
+    suggestions = suggest_all(curve, diverged=rose)
     notes = list(run.notes)
     val = None if not len(curve) else validation_curve(lrs, history.val_steps, history.val_losses,
                                                        float(curve.lrs[-1]), args.smooth_factor)
     method = args.suggestion_method
     if method == next(iter(SUGGESTION_RULES)):
-        chosen, peak, plateau = (default_number(curve, val, kind) for kind in ("constant", "peak", "wsd"))
+        chosen, peak, plateau = (default_number(curve, val, kind, diverged=rose)
+                                 for kind in ("constant", "peak", "wsd"))
         if val is not None:
             notes.append("each number is the lower of its readings of the training loss and of the validation loss "
                          "(val_loader)")
@@ -230,8 +238,8 @@ def build_result(history: History, args: RangeTestArgs, run: RunFacts = RunFacts
             notes.append("the range test read some samples more than once, so its loss also measures memorising "
                          "them, which raises the suggestion on small sets (fine-tuning most of all); pass "
                          "val_loader= to read a validation loss as well")
-    spread = None if chosen.lr is None else confidence(curve, SUGGESTION_RULES[method],
-                                                       smooth_factor=args.smooth_factor, actual=chosen.lr)
+    rule = functools.partial(SUGGESTION_RULES[method], diverged=rose)
+    spread = None if chosen.lr is None else confidence(curve, rule, smooth_factor=args.smooth_factor, actual=chosen.lr)
     if spread is not None and spread["spread"] > WIDE_SPREAD:
         notes.append(
             f"the suggestion is uncertain: it moves between {spread['low']:.2e} and {spread['high']:.2e} "

@@ -48,7 +48,8 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
     3 results written but a tracker failed, 130 Ctrl-C, 143 SIGTERM)."""
     import yaml
 
-    from distlr.cli.build import build, build_dataloader, build_trainable, output_dir, seed_everything
+    from distlr.cli.build import (build, build_dataloader, build_trainable, check_activation_memory, output_dir,
+                                  seed_everything)
     from distlr.dist import collectives as D
     from distlr.dist.session import Session, start_session
     from distlr.dist.signals import Terminated
@@ -82,6 +83,8 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
         built = build(cfg.model, seq_len=cfg.seq_len)
         loader, inputs = build_dataloader(cfg, built)
         val_loader = None if cfg.val_data is None else build_dataloader(cfg.for_data(cfg.val_data), built)[0]
+        with D.agree_on_failure(ctx):
+            check_activation_memory(cfg, built.model, ctx.device)
         if cfg.fsdp:
             from distlr.backends.fsdp import shard
 

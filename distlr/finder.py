@@ -45,6 +45,9 @@ from distlr.train.data import (BatchStream, check_loader, check_reshufflable, re
 from distlr.train.snapshot import Snapshot, check_snapshot_dir
 
 logger = logging.getLogger(__name__)
+MANY_MICRO_BATCHES = 64
+"""Micro-batches per step past which a series warns: 64 x 100 steps is already 6,400 forward and
+backward passes per rank for one range test, where a plain one takes 100."""
 
 
 class NoSuggestionError(D.DistlrError):
@@ -319,6 +322,8 @@ class LRFinder:
                            total_steps_hint=backend.total_steps_hint, cycled=cycled, validated=val_loader is not None,
                            notes=tuple(backend.notes), provenance=_provenance(self._session.launcher, self.ctx.world_size))
             result = build_result(history, args, run, contribute=backend.contribute)
+            if result.optimal_lr is None:  # what a user needs most is why: said where it is seen
+                logger.warning("no suggestion (%s): %s", result.suggestion_method, result.suggestion_note)
             logger.info("suggested lr %s (%s) | %s after %d/%d steps | %.1f s",
                         "none" if result.optimal_lr is None else f"{result.optimal_lr:.3e}", result.suggestion_method,
                         result.stop_reason, result.steps_run, result.num_steps, result.elapsed_s)
@@ -383,6 +388,13 @@ class LRFinder:
         D.agree_on_arguments(self.ctx, "series() arguments",
                              {"global_batch_sizes": sorted(sizes), "repeats": repeats,
                               "target_global_batch_size": target_global_batch_size})
+        many = {b: a for b, (_, a) in splits.items() if a > MANY_MICRO_BATCHES}
+        if many and self.ctx.is_main:
+            steps = find_kwargs.get("num_steps", DEFAULTS.num_steps)
+            logger.warning("global batch %s: %s micro-batches of %d per rank for each of up to %d steps; each step "
+                           "costs that many forward and backward passes (pass smaller --global-batch-sizes, or a "
+                           "larger --batch-size if memory allows)",
+                           ", ".join(map(str, many)), ", ".join(f"{a:,}" for a in many.values()), micro_max, steps)
         tiny = [b for b, (micro, _) in splits.items() if micro == 1 and micro_max > 1]
         if tiny and self.ctx.is_main:
             logger.warning("global batch %s: the per-rank share has no divisor up to batch_size=%d but 1, so these "

@@ -146,12 +146,12 @@ def test_an_input_ids_column_is_used_as_it_is(tmp_path):
 # -- model kinds --------------------------------------------------------------------------------
 
 
-def bert_dir(tmp_path: Path, *, tokenizer: bool = True, head: str = "BertForMaskedLM") -> Path:
+def bert_dir(tmp_path: Path, *, tokenizer: bool = True, head: str = "BertForMaskedLM", vocab_size: int = 100) -> Path:
     import transformers
     from transformers import BertConfig, BertTokenizerFast
 
     path = tmp_path / "bert"
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
     getattr(transformers, head)(config).save_pretrained(path)
     if tokenizer:
@@ -186,6 +186,14 @@ def test_a_model_without_what_text_training_needs_is_refused(tmp_path, capsys, m
     code, _ = run(tmp_path, "--model", str(make(tmp_path)), "--data", str(corpus(tmp_path)))
     err = capsys.readouterr().err
     assert code == 2 and all(w in err for w in words), err
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_the_first_step(tmp_path, capsys):
+    # Was: the id check passed (the text uses low ids), then masking drew an id past the embedding: IndexError.
+    code, out = run(tmp_path, "--model", str(bert_dir(tmp_path, vocab_size=60)), "--data", str(corpus(tmp_path)))
+    err = capsys.readouterr().err
+    assert code == 2 and "its tokenizer has 92 tokens but the model's vocab_size is 60" in err, err
+    assert "resize_token_embeddings" in err and "Traceback" not in err and not (out / "result.json").exists()
 
 
 def test_a_t5_directory_is_refused_in_two_lines(tmp_path, capsys):

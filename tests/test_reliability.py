@@ -111,3 +111,44 @@ def test_a_finished_series_is_marked_complete(tmp_path):
     assert main(["--global-batch-sizes", "4,8", *FAST, "--output-dir", str(out)]) == 0
     series = json.loads((out / "series.json").read_text())
     assert series["complete"] is True and series["runs_planned"] == len(series["runs"]) == 2
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--num-steps", "1000000000"], ["num_steps=1,000,000,000 is more than a range test can keep", "2 to 100,000"]),
+    (["--target-global-batch-size", "512"], ["target_global_batch_size=512 needs a fit", "two or more",
+                                             "--global-batch-sizes"]),
+    (["--seq-len", "100000"], ["seq_len=100000 with batch_size=4", "GiB a step", "use a smaller --seq-len"]),
+])
+def test_what_would_fill_memory_or_be_ignored_is_refused_before_the_first_step(tmp_path, capsys, argv, words):
+    out = tmp_path / "out"
+    assert main([*FAST, *argv, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "Traceback" not in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_num_steps_beyond_the_limit_is_refused_from_yaml_and_the_api_alike(tmp_path, capsys):
+    from distlr.core.options import MAX_NUM_STEPS, RangeTestArgs
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"num_steps: {MAX_NUM_STEPS + 1}\n")
+    assert main(["--config", str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    assert f"num_steps={MAX_NUM_STEPS + 1:,} is more than" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="num_steps=10,000,000,000 is more than"):
+        RangeTestArgs(num_steps=10**10)
+
+
+def test_a_series_with_thousands_of_micro_batches_a_step_says_how_many(caplog):
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from distlr import LRFinder
+
+    x = torch.randn(64, 4)
+    loader = DataLoader(TensorDataset(x, x[:, :1]), batch_size=2)
+    with caplog.at_level("WARNING", logger="distlr"), \
+            LRFinder(nn.Linear(4, 1), loader, criterion=nn.MSELoss()) as finder:
+        finder.series([4, 256], num_steps=2, progress=False)
+    assert "global batch 256: 128 micro-batches of 2 per rank for each of up to 2 steps" in caplog.text
+    assert "global batch 4:" not in caplog.text

@@ -172,6 +172,10 @@ class RangeTestArgs:
                 raise TypeError(f"{name}={value!r} must be an int >= {least}, got {type(value).__name__}")
             if value < least:
                 raise ValueError(f"{name}={value!r} is too small; allowed: an int >= {least}")
+        if self.num_steps > MAX_NUM_STEPS:
+            raise ValueError(f"num_steps={self.num_steps:,} is more than a range test can keep and analyse "
+                             f"(allowed: 2 to {MAX_NUM_STEPS:,}; 100 to 1,000 is usual): every step keeps its point "
+                             "for the analysis, whose time grows faster than the number of points")
         if not is_real(self.smooth_factor) or not 0 <= self.smooth_factor < 1:
             raise ValueError(f"smooth_factor={self.smooth_factor!r} is not allowed; it is the weight on history and "
                              "must be in [0, 1) (0 disables smoothing; 0.98 is the default)")
@@ -200,6 +204,12 @@ class RangeTestArgs:
         """The argument names, in order."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
+
+MAX_NUM_STEPS = 100_000
+"""The most steps a range test may take. Each step keeps its point (about 0.3-1.4 kB with the
+analysis' arrays, measured with tracemalloc), and the analysis of a curve takes 0.2 s at 1,000
+points, 2.9 s at 10,000 and grows faster than linearly (benchmarks/README.md); a larger number
+is a typo far more often than a plan, and one in the billions used to fill memory."""
 
 DEFAULTS = RangeTestArgs()
 """The defaults, which ``LRFinder.find()``'s signature reads: one place for each."""

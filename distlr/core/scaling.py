@@ -109,6 +109,10 @@ def check_series_args(global_batch_sizes: Sequence[Any] | None, repeats: Any, ta
             raise ValueError(f"global_batch_sizes={sizes!r} is not allowed; use distinct ints >= 1 (16,32,64)")
     if target_global_batch_size is not None and (not is_int(target_global_batch_size) or target_global_batch_size < 1):
         raise ValueError(f"target_global_batch_size={target_global_batch_size!r} is not allowed; use an int >= 1")
+    if target_global_batch_size is not None and len(set(global_batch_sizes or ())) < 2:
+        raise ValueError(f"target_global_batch_size={target_global_batch_size!r} needs a fit of LR against batch "
+                         "size, so two or more global_batch_sizes (e.g. --global-batch-sizes 16,32,64); "
+                         f"got {'none' if not global_batch_sizes else list(global_batch_sizes)}")
 
 
 def split_global_batch(global_batch_size: int, world_size: int, max_micro_batch: int) -> tuple[int, int]:

@@ -50,6 +50,10 @@ class RunConfig:
         "column is used as it is)."})
     token_dtype: TokenDtype = field(default="uint16", metadata={"help":
         "The integer type of raw .bin token files (nanoGPT style): uint16, uint32, int32 or int64."})
+    text_encoding: str = field(default="utf-8", metadata={"help":
+        "The encoding of text files, when they start with no byte-order mark (one is followed): utf-8, latin-1,"
+        " ... Bytes that do not decode are refused with the file and offset; ENCODING:replace reads them as"
+        " U+FFFD instead."})
     seq_len: int = field(default=64, metadata={"help": "Tokens per sequence when text is tokenized and packed."})
     batch_size: int = field(default=16, metadata={"help": "Samples per micro-batch (per rank)."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
@@ -113,6 +117,15 @@ class RunConfig:
         if not isinstance(self.range_test, RangeTestArgs):
             raise TypeError(f"range_test must be a RangeTestArgs, got {type(self.range_test).__name__}")
         check_display_args(progress=self.progress, log_every=self.log_every)
+        for name in ("model", "data", "val_data", "output_dir", "snapshot_dir", "deepspeed", "text_column",
+                     "text_encoding"):
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.strip():
+                raise ValueError(f"{name}={value!r} is empty; give a value or leave --{name.replace('_', '-')} out "
+                                 f"(default: {field_defaults()[name]})")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed!r} is not allowed; use an int from 0 to {2**32 - 1} "
+                             "(NumPy's seeds are unsigned 32-bit)")
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is too small; allowed: an int >= 1")
@@ -311,11 +324,38 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"--config {str(path)!r}: no such file")
     with path.open() as fh:
         try:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as err:
             raise ValueError(f"--config {str(path)!r} is not valid YAML: {err}") from None
+        except _DuplicateKey as err:
+            raise ValueError(f"--config {str(path)!r}: {err}; keep one") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"--config {str(path)!r} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_key_loader() -> type:
+    """PyYAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
+    last silently, so a stale line earlier in the file would be overruled without a word)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # an odd key: the config's own check names it
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line})")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader

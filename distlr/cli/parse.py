@@ -28,8 +28,39 @@ def flags() -> list[str]:
     return _parser_and_flags()[1]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line (``ValueError``) rather than the usage text
+    and ``SystemExit``: the command line says every bad input the same way."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(f"{message} (see distlr --help)")
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+class _Switch(argparse.BooleanOptionalAction):
+    """``--flag`` / ``--no-flag``, and ``--flag=true|false`` (also yes/no, 1/0, on/off), as
+    ``TrainingArguments`` reads a boolean; any other value is refused by name."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.nargs = "?"
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        if values is None or option_string is None:
+            return super().__call__(parser, namespace, None, option_string)
+        word = str(values).strip().lower()
+        if option_string.startswith("--no-") or word not in TRUE_WORDS + FALSE_WORDS:
+            flag = option_string.replace("--no-", "--", 1)
+            raise ValueError(f"{option_string}={values!s}: {self.dest} is a switch; write {flag} or "
+                             f"--no-{flag[2:]}, or {flag}=true / {flag}=false")
+        setattr(namespace, self.dest, word in TRUE_WORDS)
+
+
 def _parser_and_flags() -> tuple[argparse.ArgumentParser, list[str]]:
-    parser = argparse.ArgumentParser(prog="distlr", description=DESCRIPTION, allow_abbrev=False)
+    parser = _Parser(prog="distlr", description=DESCRIPTION, allow_abbrev=False)
     options = ["--config"]
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of the keys below (flags override it)")
     # The deepspeed launcher passes --local_rank; the rank comes from the environment anyway.
@@ -41,7 +72,7 @@ def _parser_and_flags() -> tuple[argparse.ArgumentParser, list[str]]:
         doc = docs.get(name, "")
         help_text = doc if "default" in doc else f"{doc} (default: {defaults[name]})"
         if base_type(tp)[0] is bool:
-            parser.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*names, dest=name, action=_Switch,
                                 default=argparse.SUPPRESS, help=help_text)
             options += [*names, *(f"--no-{n[2:]}" for n in names)]
         else:

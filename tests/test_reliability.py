@@ -152,3 +152,30 @@ def test_a_series_with_thousands_of_micro_batches_a_step_says_how_many(caplog):
         finder.series([4, 256], num_steps=2, progress=False)
     assert "global batch 256: 128 micro-batches of 2 per rank for each of up to 2 steps" in caplog.text
     assert "global batch 4:" not in caplog.text
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seed", "-1"], ["seed=-1 is not allowed", "0 to 4294967295"]),
+    (["--model", ""], ["model='' is empty", "leave --model out", "default: demo"]),
+    (["--overwrite=maybe"], ["--overwrite=maybe: overwrite is a switch", "--overwrite=true"]),
+    (["--num-steps"], ["--num-steps", "expected one argument", "see distlr --help"]),
+])
+def test_bad_flags_get_one_line_naming_the_field(tmp_path, capsys, argv, words):
+    assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("distlr: error: ") and "usage:" not in err, err
+    assert all(w in err for w in words), err
+
+
+def test_a_switch_takes_true_or_yes_as_hugging_face_flags_do(tmp_path):
+    out = tmp_path / "out"
+    assert main([*FAST, "--output-dir", str(out)]) == 0
+    assert main([*FAST, "--output-dir", str(out), "--overwrite=yes"]) == 0  # was argparse's usage text
+    assert main([*FAST, "--output-dir", str(out), "--overwrite=false"]) == 2
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_with_both_lines(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("num_steps: 10\nmin_lr: 1e-6\nnum_steps: 20\n")
+    assert main(["--config", str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "key 'num_steps' is given twice (lines 1 and 3); keep one" in capsys.readouterr().err

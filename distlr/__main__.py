@@ -49,7 +49,7 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
     import yaml
 
     from distlr.cli.build import (build, build_dataloader, build_trainable, check_activation_memory, output_dir,
-                                  seed_everything)
+                                  seed_everything, width_factory)
     from distlr.dist import collectives as D
     from distlr.dist.session import Session, start_session
     from distlr.dist.signals import Terminated
@@ -80,7 +80,8 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
         trackers.check(report_to)  # before anything runs, on every rank
         seed_everything(cfg.seed)
         out_dir, made, claim = output_dir(cfg, ctx, given)
-        built = build(cfg.model, seq_len=cfg.seq_len)
+        widths = cfg.width_list()
+        built = build(cfg.model, seq_len=cfg.seq_len, width=None if widths is None else min(widths))
         loader, inputs = build_dataloader(cfg, built)
         val_loader = None if cfg.val_data is None else build_dataloader(cfg.for_data(cfg.val_data), built)[0]
         with D.agree_on_failure(ctx):
@@ -108,6 +109,8 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
                     kept = len(so_far.runs), len(so_far.runs) == so_far.planned
 
                 series = finder.series(cfg.batch_sizes(), cfg.repeats, **find_args, on_run=keep,
+                                       widths=widths, model_factory=None if widths is None else width_factory(cfg),
+                                       num_steps_series=cfg.num_steps_list(), target_width=cfg.target_width,
                                        target_global_batch_size=cfg.target_global_batch_size)
                 written = {files.SERIES_FILE: _series_json(series, cli)}
                 report, draw = series_summary(series), lambda path: plot_series(series, path)

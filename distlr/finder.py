@@ -28,7 +28,7 @@ from distlr.core.options import (DEFAULT_TIMEOUT_S, DEFAULTS, SNAPSHOT_MODES, Am
                                  StepMode, SuggestionMethod, check_choice)
 from distlr.core.result import LRFinderResult
 from distlr.core.rules import still_open
-from distlr.core.scaling import SeriesResult, SeriesRun, check_series_args, split_global_batch
+from distlr.core.scaling import SeriesResult, SeriesRun, check_series_args, check_series_axes, split_global_batch
 from distlr.core.smoothing import LossTracker
 from distlr.dist import collectives as D
 from distlr.dist.session import start_session
@@ -337,35 +337,55 @@ class LRFinder:
         global_batch_sizes: Sequence[int] | None = None,
         repeats: int = 1,
         *,
+        widths: Sequence[int] | None = None,
+        model_factory: Callable[..., Any] | None = None,
+        num_steps_series: Sequence[int] | None = None,
         target_global_batch_size: int | None = None,
+        target_width: int | None = None,
         on_run: Callable[[SeriesResult], None] | None = None,
         **find_kwargs: Any,
     ) -> SeriesResult:
-        """One range test per global batch size and repeat, all in this job: every rank takes
-        part in every run, and the state is restored after each run (``find()`` does).
+        """One range test per point of one axis and repeat, all in this job: every rank takes
+        part in every run, and the state is restored after each run (``find()`` does). The axis:
 
-        Each global batch is split as micro-batch x ranks x accumulation steps, with the largest
-        micro-batch up to the loader's ``batch_size``. Repeat ``r`` reads the data shuffled with
-        seed ``data_seed + r``, the same order for every size. A run that diverges at once or
-        has no suggestion is recorded, and the series goes on.
+        - ``global_batch_sizes`` (the default): each global batch is split as micro-batch x
+          ranks x accumulation steps, with the largest micro-batch up to the loader's
+          ``batch_size``; the LR is fitted against B with a power law and with a law that can
+          bend flat (the critical batch size seen from the LR side).
+        - ``widths`` with ``model_factory``: each run trains a fresh model,
+          ``model_factory(width=w)``, made from the same seed for every width, with a fresh
+          optimizer of the finder's optimizer's class and defaults (or return ``(model,
+          optimizer)`` from the factory, e.g. muP's ``MuAdamW``). Says whether the LR transfers
+          across widths (flat within the spread) or fits ``lr ~ width^alpha``.
+        - ``num_steps_series``: range tests of several lengths, showing the short-horizon bias.
+
+        Repeat ``r`` reads the data shuffled with seed ``data_seed + r``, the same order for every
+        point. A run that diverges at once or has no suggestion is recorded, and the series goes on.
 
         Args:
             global_batch_sizes: the sizes (default: the one ``find()`` would run, the loader's
                 batch size x ranks x ``accumulation_steps``).
-            repeats: runs per size, each with its own data order (>= 1).
+            repeats: runs per point, each with its own data order (>= 1).
+            widths: the widths of a width series (needs ``model_factory``).
+            model_factory: called as ``model_factory(width=w)``; returns a module, or a module
+                and its optimizer.
+            num_steps_series: the lengths of a horizon series (``num_steps`` of each run).
             target_global_batch_size: a size to predict the LR for from the fit.
+            target_width: a width to predict the LR for, in a width series.
             on_run: called on every rank after each run with the series so far (``complete``
                 False until the last run), e.g. to write it to disk, so that an interrupted
                 series keeps the runs it finished (the CLI writes ``series.json`` this way).
             **find_kwargs: ``find()``'s arguments; ``accumulation_steps`` only without
-                ``global_batch_sizes`` (each size's split decides it).
+                ``global_batch_sizes`` (each size's split decides it), ``num_steps`` only
+                without ``num_steps_series``.
 
         Returns:
-            The ``SeriesResult`` (runs, spreads, fit), identical on every rank.
+            The ``SeriesResult`` (runs, spreads, fits), identical on every rank.
 
         Raises:
             ValueError: a size the ranks cannot form (naming the nearest that can), a loader
-                that cannot be re-read at other batch sizes, or bad arguments, before any step.
+                that cannot be re-read at other batch sizes, two axes at once, or bad
+                arguments, before any step.
 
         Example:
             >>> series = finder.series(global_batch_sizes=[64, 128, 256], repeats=2, num_steps=100)  # doctest: +SKIP
@@ -374,8 +394,13 @@ class LRFinder:
         world = self.ctx.world_size
         micro_max = self._spec.micro_batch_hint
         with D.agree_on_failure(self.ctx):
+            axis = check_series_axes(global_batch_sizes, widths, model_factory, num_steps_series, target_width,
+                                     find_kwargs)
             check_series_args(global_batch_sizes, repeats, target_global_batch_size,
                               accumulation_given="accumulation_steps" in find_kwargs)
+            if axis == "width" and self._spec.kind.name not in ("torch",):
+                raise ValueError(f"series(widths=...) trains fresh plain modules (DDP under torchrun); this finder "
+                                 f"runs a {self._spec.kind.name} model: run the width series on the plain model")
             # Without sizes, the one this finder would run: the accumulation the setup fixes, if any.
             accumulation = find_kwargs.pop("accumulation_steps", None) or backends.fixed_accumulation(self._spec) or 1
             if not isinstance(micro_max, int):
@@ -386,38 +411,81 @@ class LRFinder:
             backends.check_batch_splits(self._spec, {a for _, a in splits.values()})
             check_reshufflable(self.train_dataloader)
         D.agree_on_arguments(self.ctx, "series() arguments",
-                             {"global_batch_sizes": sorted(sizes), "repeats": repeats,
-                              "target_global_batch_size": target_global_batch_size})
-        many = {b: a for b, (_, a) in splits.items() if a > MANY_MICRO_BATCHES}
-        if many and self.ctx.is_main:
-            steps = find_kwargs.get("num_steps", DEFAULTS.num_steps)
-            logger.warning("global batch %s: %s micro-batches of %d per rank for each of up to %d steps; each step "
-                           "costs that many forward and backward passes (pass smaller --global-batch-sizes, or a "
-                           "larger --batch-size if memory allows)",
-                           ", ".join(map(str, many)), ", ".join(f"{a:,}" for a in many.values()), micro_max, steps)
-        tiny = [b for b, (micro, _) in splits.items() if micro == 1 and micro_max > 1]
-        if tiny and self.ctx.is_main:
-            logger.warning("global batch %s: the per-rank share has no divisor up to batch_size=%d but 1, so these "
-                           "runs read micro-batches of 1 (slow; BatchNorm cannot train on them)",
-                           ", ".join(map(str, tiny)), micro_max)
-        plan = [(b, r) for b in sorted(sizes) for r in range(repeats)]
+                             {"global_batch_sizes": sorted(sizes), "repeats": repeats, "axis": axis,
+                              "widths": None if widths is None else sorted(widths),
+                              "num_steps_series": None if num_steps_series is None else sorted(num_steps_series),
+                              "target_global_batch_size": target_global_batch_size, "target_width": target_width})
+        self._warn_about_splits(splits, micro_max, find_kwargs.get("num_steps", DEFAULTS.num_steps))
+        points: list[int] = sorted({"global_batch_size": sizes, "width": widths or [],
+                                    "num_steps": num_steps_series or []}[axis])
+        plan = [(v, r) for v in points for r in range(repeats)]
+        target = {"global_batch_size": target_global_batch_size, "width": target_width}.get(axis)
         runs: list[SeriesRun] = []
         original = self.train_dataloader
         try:
-            for k, (size, repeat) in enumerate(plan, start=1):
+            for k, (value, repeat) in enumerate(plan, start=1):
+                size = value if axis == "global_batch_size" else sizes[0]
                 micro, accumulation = splits[size]
                 seed = self.data_seed + repeat
                 if self.ctx.is_main:
-                    logger.info("run %d/%d: global batch %d (%d per micro-batch x %d rank(s) x %d), repeat %d, seed %d",
-                                k, len(plan), size, micro, world, accumulation, repeat + 1, seed)
+                    logger.info("run %d/%d: %s, global batch %d (%d per micro-batch x %d rank(s) x %d), repeat %d, "
+                                "seed %d", k, len(plan), f"{axis} {value}", size, micro, world, accumulation,
+                                repeat + 1, seed)
                 self.train_dataloader = reshuffled(original, self.ctx, batch_size=micro, seed=seed)
-                result = self.find(**find_kwargs, accumulation_steps=accumulation)
-                runs.append(SeriesRun(size, repeat, seed, micro, accumulation, result))
+                run_kwargs = {**find_kwargs, "accumulation_steps": accumulation}
+                if axis == "num_steps":
+                    run_kwargs["num_steps"] = value
+                if axis == "width":
+                    result = self._fresh_model_run(model_factory, value, seed, run_kwargs)
+                else:
+                    result = self.find(**run_kwargs)
+                runs.append(SeriesRun(size, repeat, seed, micro, accumulation, result,
+                                      width=value if axis == "width" else None))
                 if on_run is not None:
-                    on_run(SeriesResult(list(runs), world, target_global_batch_size, planned=len(plan)))
+                    on_run(SeriesResult(list(runs), world, target_global_batch_size, planned=len(plan), axis=axis,
+                                        target=target))
         finally:
             self.train_dataloader = original
-        return SeriesResult(runs, world, target_global_batch_size, planned=len(plan))
+        return SeriesResult(runs, world, target_global_batch_size, planned=len(plan), axis=axis, target=target)
+
+    def _warn_about_splits(self, splits: dict[int, tuple[int, int]], micro_max: int, num_steps: int) -> None:
+        if not self.ctx.is_main:
+            return
+        many = {b: a for b, (_, a) in splits.items() if a > MANY_MICRO_BATCHES}
+        if many:
+            logger.warning("global batch %s: %s micro-batches of %d per rank for each of up to %d steps; each step "
+                           "costs that many forward and backward passes (pass smaller --global-batch-sizes, or a "
+                           "larger --batch-size if memory allows)",
+                           ", ".join(map(str, many)), ", ".join(f"{a:,}" for a in many.values()), micro_max, num_steps)
+        tiny = [b for b, (micro, _) in splits.items() if micro == 1 and micro_max > 1]
+        if tiny:
+            logger.warning("global batch %s: the per-rank share has no divisor up to batch_size=%d but 1, so these "
+                           "runs read micro-batches of 1 (slow; BatchNorm cannot train on them)",
+                           ", ".join(map(str, tiny)), micro_max)
+
+    def _fresh_model_run(self, model_factory: Callable[..., Any], width: int, seed: int,
+                         find_kwargs: dict[str, Any]) -> LRFinderResult:
+        """One run of a width series: a model (and optimizer) made fresh from ``seed``, in a
+        finder of its own on this finder's loader and process group; the random streams are
+        put back afterwards, so the series leaves no trace on the user's model or RNG."""
+        from distlr.train.snapshot import RNGState
+
+        rng = RNGState.capture()
+        try:
+            torch.manual_seed(seed)
+            made = model_factory(width=width)
+            model, optimizer = made if isinstance(made, tuple) else (made, None)
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model_factory(width={width}) returned {type(made).__name__}, not a torch.nn.Module "
+                                "or a (module, optimizer) pair")
+            if optimizer is None:
+                optimizer = _fresh_optimizer(self._spec.optimizer, model)
+            with LRFinder(model, self.train_dataloader, optimizer, self._spec.criterion, self.device,
+                          loss_fn=self._spec.loss_fn, data_seed=seed) as finder:
+                finder._progress = self._progress
+                return finder.find(**find_kwargs)
+        finally:
+            rng.restore()
 
     def sweep(self, *args: Any, **kwargs: Any) -> SeriesResult:
         """Deprecated spelling of ``series`` (a "sweep" is one range test everywhere else); it
@@ -618,3 +686,12 @@ def find_optimal_lr(model: nn.Module, train_dataloader: Iterable[Any], **kwargs:
     logger.info("%d range tests: geometric mean %.3e, from %.3e to %.3e", repeats, spread.geometric_mean, spread.min,
                 spread.max)
     return spread.geometric_mean
+
+
+def _fresh_optimizer(template: torch.optim.Optimizer | None, model: nn.Module) -> torch.optim.Optimizer:
+    """An optimizer of ``template``'s class and defaults over ``model``'s trainable parameters
+    (AdamW when there is none): what a width series gives each fresh model."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if template is None:
+        return torch.optim.AdamW(params)
+    return type(template)(params, **template.defaults)

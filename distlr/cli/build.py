@@ -85,8 +85,9 @@ def build_model(spec: str, *, seq_len: int) -> nn.Module:
     return build(spec, seq_len=seq_len).model
 
 
-def build(spec: str, *, seq_len: int) -> BuiltModel:
-    """The model a config names: a built-in, a Hugging Face directory/config.json, or a factory.
+def build(spec: str, *, seq_len: int, width: int | None = None) -> BuiltModel:
+    """The model a config names: a built-in, a Hugging Face directory/config.json, or a factory
+    (called with ``width=`` when one is given, as a width series does).
 
     A Hugging Face directory with weights is loaded from them (local files only); a config
     alone gives a freshly initialised model. Either way through the head it was built with.
@@ -101,7 +102,9 @@ def build(spec: str, *, seq_len: int) -> BuiltModel:
         config = (_gpt2_small_config if spec == "gpt2-small" else _tiny_gpt_config)(seq_len)
         return BuiltModel(_quiet_lm(AutoModelForCausalLM.from_config(config)), "causal")
     if ":" in spec and not Path(spec).exists():
-        model = load_factory(spec, "model")()
+        model = load_factory(spec, "model")(**({} if width is None else {"width": width}))
+        if isinstance(model, tuple) and model and isinstance(model[0], nn.Module):
+            model = model[0]  # (model, optimizer): a width series' runs take the optimizer; this model is restored
         if not isinstance(model, nn.Module):
             raise ValueError(f"model={spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
         return BuiltModel(model, _kind_of_module(model))
@@ -334,6 +337,22 @@ def _check_ids(cfg: RunConfig, tokens: torch.Tensor, model: nn.Module) -> None:
             f"data={cfg.data!r} has token id {high} but the model's vocab_size is {vocab}; "
             "give the model directory a tokenizer, use a larger vocabulary, or check --token-dtype"
         )
+
+
+def width_factory(cfg: RunConfig) -> Any:
+    """What a width series calls for each run: ``--model``'s factory at ``width=``, and the
+    ``--optimizer`` over it unless the factory returned ``(model, optimizer)`` (muP's own)."""
+    make = load_factory(cfg.model, "model")
+
+    def fresh(width: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        made = make(width=width)
+        model, optimizer = made if isinstance(made, tuple) else (made, None)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model={cfg.model!r}: the factory returned {type(made).__name__} for width={width}, "
+                             "not a torch.nn.Module or a (module, optimizer) pair")
+        return model, optimizer if optimizer is not None else build_optimizer(cfg, model)
+
+    return fresh
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -99,6 +99,16 @@ class RunConfig:
     target_global_batch_size: int | None = field(default=None, metadata={"help":
         "With global_batch_sizes: the global batch to predict the LR for from the fit (marked as extrapolated"
         " outside the swept sizes)."})
+    widths: str | None = field(default=None, metadata={"help":
+        "Run one range test per model width (comma-separated, e.g. 256,512,1024): --model must be a "
+        "'package.module:function' factory, called with width=...; each run trains a fresh model from the same "
+        "seed. Says whether the LR transfers across widths, or fits lr ~ width^alpha."})
+    target_width: int | None = field(default=None, metadata={"help":
+        "With widths: the width to predict the LR for from the fit, with its uncertainty (marked as "
+        "extrapolated outside the widths run)."})
+    num_steps_series: str | None = field(default=None, metadata={"help":
+        "Run range tests of several lengths (comma-separated num_steps, e.g. 50,100,200) to show how the "
+        "suggestion moves with the length of the test (its short-horizon bias)."})
     report_to: str = field(default="none", metadata={"help":
         "Trackers that get the curve, the figure and the suggestion (in a run of their own): tensorboard, "
         "mlflow, wandb (offline unless WANDB_MODE says otherwise), comma-separated; all (every one installed)"
@@ -137,6 +147,17 @@ class RunConfig:
         check_choice("dist_backend", self.dist_backend, DIST_BACKENDS)
         trackers.parse(self.report_to)
         self.batch_sizes()
+        self.width_list()
+        self.num_steps_list()
+        if self.widths is not None and (":" not in self.model or Path(self.model).exists()):
+            raise ValueError(f"widths={self.widths!r} needs --model as a 'package.module:function' factory that takes "
+                             f"width=..., got model={self.model!r}")
+        if self.target_width is not None and self.widths is None:
+            raise ValueError(f"target_width={self.target_width!r} needs a width series: give --widths "
+                             "(two or more, e.g. 256,512,1024)")
+        if self.num_steps_series is not None and self.range_test.num_steps != RangeTestArgs().num_steps:
+            raise ValueError("num_steps with num_steps_series: each run's length is one of num_steps_series; "
+                             "leave num_steps out")
         if self.is_series and self.report_to.strip().lower() not in ("", "none"):
             raise ValueError(f"report_to={self.report_to!r} with a series: trackers get single range tests only, not "
                              "series yet; leave report_to out (series.json and series.png hold every run)")
@@ -155,17 +176,15 @@ class RunConfig:
 
     def batch_sizes(self) -> list[int] | None:
         """``global_batch_sizes`` as ints (a YAML list or a comma-separated string)."""
-        if self.global_batch_sizes is None:
-            return None
-        text = self.global_batch_sizes.strip().strip("[]")
-        try:
-            sizes = [int(part) for part in text.replace(" ", "").split(",") if part]
-        except ValueError:
-            sizes = []
-        if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
-            raise ValueError(f"global_batch_sizes={self.global_batch_sizes!r} is not allowed; use distinct ints >= 1, "
-                             "comma-separated (16,32,64)")
-        return sizes
+        return _int_list("global_batch_sizes", self.global_batch_sizes, "16,32,64")
+
+    def width_list(self) -> list[int] | None:
+        """``widths`` as ints."""
+        return _int_list("widths", self.widths, "256,512,1024")
+
+    def num_steps_list(self) -> list[int] | None:
+        """``num_steps_series`` as ints."""
+        return _int_list("num_steps_series", self.num_steps_series, "50,100,200")
 
     def find_args(self) -> dict[str, Any]:
         """``find()``'s arguments (in a series over global batch sizes, each size's split decides
@@ -173,6 +192,8 @@ class RunConfig:
         args = self.range_test.as_dict()
         if self.global_batch_sizes is not None:
             args.pop("accumulation_steps")
+        if self.num_steps_series is not None:
+            args.pop("num_steps")
         return args
 
     def for_data(self, data: str) -> RunConfig:
@@ -181,7 +202,8 @@ class RunConfig:
 
     @property
     def is_series(self) -> bool:
-        return self.global_batch_sizes is not None or self.repeats > 1
+        return (self.global_batch_sizes is not None or self.widths is not None or self.num_steps_series is not None
+                or self.repeats > 1)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat mapping a config file holds: the range test's keys first, then the others."""
@@ -359,3 +381,17 @@ def _unique_key_loader() -> type:
             return super().construct_mapping(node, deep=deep)
 
     return Loader
+
+
+def _int_list(name: str, value: str | None, example: str) -> list[int] | None:
+    """A comma-separated (or YAML list) field as distinct ints >= 1."""
+    if value is None:
+        return None
+    text = str(value).strip().strip("[]")
+    try:
+        items = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        items = []
+    if not items or min(items) < 1 or len(set(items)) != len(items):
+        raise ValueError(f"{name}={value!r} is not allowed; use distinct ints >= 1, comma-separated ({example})")
+    return items

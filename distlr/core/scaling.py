@@ -493,55 +493,156 @@ class SeriesRun:
     accumulation_steps: int
     result: Any
     """The run's ``LRFinderResult``."""
+    width: int | None = None
+    """The model's width, in a width series."""
 
     def to_dict(self) -> dict[str, Any]:
         fields = {k: v for k, v in asdict(self).items() if k != "result"}
         return {**fields, "result": self.result.to_dict()}
 
 
+AXES = ("global_batch_size", "width", "num_steps")
+"""What a series varies from run to run: the global batch, the model's width, the range test's length."""
+TRANSFER_Z = 2.0
+"""A width series' exponent counts as non-zero past 2 standard errors (about 95 % two-sided):
+below it the LR is flat across widths within the spread the runs themselves show."""
+PREDICTION_Z = 2.0
+"""The prediction's band: 2 standard errors of the fit at the target, in log LR."""
+
+
 @dataclass
 class SeriesResult:
-    """Every run of a series, each batch size's spread over repeats, and the power-law fit of the
-    suggestion against the global batch size."""
+    """Every run of a series, each point's spread over repeats, and the power-law fit of the
+    suggestion against the series' axis (global batch size, width or num_steps)."""
 
     runs: list[SeriesRun]
     world_size: int
     target_global_batch_size: int | None = None
     planned: int | None = None
     """How many runs the series was to make (None: as many as it holds)."""
+    axis: str = "global_batch_size"
+    """What varies between runs (``AXES``)."""
+    target: int | None = None
+    """The axis value to predict the LR at (``target_global_batch_size`` for a batch series)."""
+
+    def __post_init__(self) -> None:
+        if self.axis == "global_batch_size" and self.target is None:
+            self.target = self.target_global_batch_size
 
     @property
     def complete(self) -> bool:
         """Whether every planned run finished (False for a series interrupted part way)."""
         return self.planned is None or len(self.runs) >= self.planned
 
+    def values(self) -> list[int]:
+        """Each run's value on the axis."""
+        if self.axis == "width":
+            return [int(r.width) for r in self.runs]
+        if self.axis == "num_steps":
+            return [int(r.result.num_steps) for r in self.runs]
+        return [r.global_batch_size for r in self.runs]
+
+    def _lrs(self) -> list[float | None]:
+        return [r.result.optimal_lr for r in self.runs]
+
     @property
     def fit(self) -> PowerFit | None:
-        return fit_power_law([r.global_batch_size for r in self.runs], [r.result.optimal_lr for r in self.runs])
+        return fit_power_law(self.values(), self._lrs())
 
     def spreads(self) -> dict[int, Spread]:
-        sizes = sorted({r.global_batch_size for r in self.runs})
-        return {b: spread([r.result.optimal_lr for r in self.runs if r.global_batch_size == b]) for b in sizes}
+        values, lrs = self.values(), self._lrs()
+        return {v: spread([lr for x, lr in zip(values, lrs) if x == v]) for v in sorted(set(values))}
+
+    @property
+    def bend(self) -> Any:
+        """For a batch series: where the LR stops rising with B (``fit_saturating``)."""
+        return None
+
+    def transfer(self) -> dict[str, Any] | None:
+        """For a width series: whether the suggestion is flat across widths (the parametrisation
+        transfers the LR, as muP promises) or moves as ``width^alpha``, judged by the fit's
+        exponent against its standard error (``TRANSFER_Z``). None for other axes."""
+        if self.axis != "width":
+            return None
+        fit = self.fit
+        if fit is None or fit.exponent_stderr is None:
+            return {"verdict": "cannot_tell", "exponent": None if fit is None else fit.exponent,
+                    "exponent_stderr": None, "z": None,
+                    "sentence": "cannot tell: needs suggestions at 3 or more runs over 2 or more widths"}
+        z = fit.exponent / fit.exponent_stderr if fit.exponent_stderr > 0 else math.copysign(math.inf, fit.exponent)
+        moves = abs(z) > TRANSFER_Z
+        exponent = f"alpha = {fit.exponent:.2f} ± {fit.exponent_stderr:.2f}"
+        sentence = (f"the LR moves with width: lr ∝ width^alpha, {exponent} ({abs(z):.1f} standard errors from 0)"
+                    if moves else f"the LR transfers across widths: {exponent} is within {TRANSFER_Z:g} standard "
+                    "errors of 0")
+        return {"verdict": "moves" if moves else "transfers", "exponent": fit.exponent,
+                "exponent_stderr": fit.exponent_stderr, "z": z if math.isfinite(z) else None, "sentence": sentence}
 
     def prediction(self) -> dict[str, Any] | None:
-        """The fit's LR at ``target_global_batch_size``, marked when it lies outside the sizes
-        the fit was made from (those with a suggestion)."""
+        """The fit's LR at ``target``, with a band of ``PREDICTION_Z`` standard errors of the
+        fitted line there (in log LR; None with only two points), marked when the target lies
+        outside the values the fit was made from (those with a suggestion)."""
         fit = self.fit
-        if self.target_global_batch_size is None or fit is None:
+        if self.target is None or fit is None:
             return None
-        sizes = [r.global_batch_size for r in self.runs if r.result.optimal_lr is not None]  # what the fit saw
-        target = self.target_global_batch_size
-        return {"global_batch_size": target, "lr": fit.predict(target),
-                "extrapolation": not min(sizes) <= target <= max(sizes)}
+        pairs = [(math.log(v), math.log(lr)) for v, lr in zip(self.values(), self._lrs())
+                 if lr is not None and math.isfinite(lr) and lr > 0]
+        target = self.target
+        lr = fit.predict(target)
+        low = high = None
+        if len(pairs) > 2:
+            x = np.array([a for a, _ in pairs])
+            y = np.array([b for _, b in pairs])
+            residual = y - (math.log(fit.coefficient) + fit.exponent * x)
+            sigma = math.sqrt(float(residual @ residual) / (len(x) - 2))
+            sxx = float(((x - x.mean()) ** 2).sum())
+            se = sigma * math.sqrt(1 / len(x) + (math.log(target) - x.mean()) ** 2 / sxx)
+            low, high = lr * math.exp(-PREDICTION_Z * se), lr * math.exp(PREDICTION_Z * se)
+        seen = [math.exp(a) for a, _ in pairs]
+        return {"axis": self.axis, "value": target, self.axis: target, "lr": lr, "lr_low": low, "lr_high": high,
+                "extrapolation": not min(seen) - 1e-9 <= target <= max(seen) + 1e-9}
 
     def to_dict(self) -> dict[str, Any]:
         fit = self.fit
-        return {"world_size": self.world_size, "complete": self.complete,
+        return {"axis": self.axis, "world_size": self.world_size, "complete": self.complete,
                 "runs_planned": len(self.runs) if self.planned is None else self.planned,
+                "values": sorted(set(self.values())),
                 "runs": [r.to_dict() for r in self.runs],
                 "fit": None if fit is None else fit.to_dict(),
-                "spread": {str(b): s.to_dict() for b, s in self.spreads().items()},
+                "transfer": self.transfer(),
+                "spread": {str(v): s.to_dict() for v, s in self.spreads().items()},
                 "prediction": self.prediction()}
+
+
+def check_series_axes(global_batch_sizes: Sequence[Any] | None, widths: Sequence[Any] | None, model_factory: Any,
+                      num_steps_series: Sequence[Any] | None, target_width: Any, find_kwargs: dict[str, Any]) -> str:
+    """The one axis a series' arguments ask for; raise ValueError naming what conflicts."""
+    from distlr.core.options import MAX_NUM_STEPS, is_int
+
+    given = [name for name, value in (("global_batch_sizes", global_batch_sizes), ("widths", widths),
+                                      ("num_steps_series", num_steps_series)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)}: a series varies one thing at a time; run one series per axis")
+    for name, values, least in (("widths", widths, 1), ("num_steps_series", num_steps_series, 2)):
+        if values is None:
+            continue
+        items = list(values)
+        if len(items) < 2 or any(not is_int(v) or v < least for v in items) or len(set(items)) != len(items):
+            raise ValueError(f"{name}={items!r} is not allowed; use two or more distinct ints >= {least}")
+        if name == "num_steps_series" and max(items) > MAX_NUM_STEPS:
+            raise ValueError(f"num_steps_series: {max(items):,} is more than a range test can take "
+                             f"(at most {MAX_NUM_STEPS:,})")
+    if widths is not None and not callable(model_factory):
+        raise ValueError("widths=... needs model_factory: a function called as model_factory(width=w) that returns "
+                         "a fresh module (or a module and its optimizer)")
+    if widths is None and model_factory is not None:
+        raise ValueError("model_factory is used only with widths=...")
+    if target_width is not None and (widths is None or not is_int(target_width) or target_width < 1):
+        raise ValueError(f"target_width={target_width!r} needs widths=... and must be an int >= 1")
+    if num_steps_series is not None and "num_steps" in find_kwargs:
+        raise ValueError("num_steps with num_steps_series: each run's length is one of num_steps_series; "
+                         "leave num_steps out")
+    return "width" if widths is not None else "num_steps" if num_steps_series is not None else "global_batch_size"
 
 
 SweepRun, SweepResult = SeriesRun, SeriesResult

@@ -104,10 +104,24 @@ def _limit_y(ax, result: LRFinderResult) -> None:
     ax.set_ylim(low - 0.05 * span, high + 0.25 * span)
 
 
+AXES = {"global_batch_size": ("global batch size", "B"), "width": ("width", "width"),
+        "num_steps": ("num_steps (range-test length)", "T")}
+"""Each series axis as the plot and the table name it, and its symbol in a fit."""
+REFERENCE_SLOPES = {
+    "global_batch_size": ((0.5, ":", "square root"), (1.0, "--", "linear")),
+    "width": ((0.0, ":", "transfers, as muP"), (-1.0, "--", "1/width, Adam in SP")),
+}
+"""Published slopes to read a fit against: batch (Krizhevsky 2014; Goyal et al. 2017) and width
+(Yang et al. 2022: flat under muP, about 1/width for Adam under the standard parametrisation)."""
+
+
 def plot_series(series: SeriesResult, output_path: str | Path) -> Path:
-    """Two panels: the smoothed curves overlaid, one colour per global batch size (each repeat
-    a line); and log-log suggested LR against global batch size, with the fit and the
-    square-root (0.5) and linear (1) scaling lines through the fit's middle.
+    """One style for every axis of a series. Two panels: the smoothed curves overlaid, one
+    colour per point of the axis (each repeat a line); and log-log suggested LR against the
+    axis (global batch, width or num_steps), with the power-law fit, reference slopes
+    (batch: square root and linear; width: flat, as muP promises, and 1/width, Adam's rule
+    under the standard parametrisation), the bend where the batch law saturates, and the
+    prediction at the target with its interval.
 
     Returns:
         The path written.
@@ -118,19 +132,21 @@ def plot_series(series: SeriesResult, output_path: str | Path) -> Path:
     fig = Figure(figsize=(12, 5), dpi=110)
     FigureCanvasAgg(fig)
     curves, scaling = fig.subplots(1, 2)
-    sizes = sorted({run.global_batch_size for run in series.runs})
-    colours = {b: f"C{i % 10}" for i, b in enumerate(sizes)}
+    name, symbol = AXES[series.axis]
+    values = sorted(set(series.values()))
+    colours = {v: f"C{i % 10}" for i, v in enumerate(values)}
     labelled: set[int] = set()
-    for run in series.runs:
-        result, b = run.result, run.global_batch_size
+    for run, v in zip(series.runs, series.values()):
+        result = run.result
         n = len(result.smoothed_losses)
-        label = None if b in labelled else f"global batch {b}"
-        labelled.add(b)
-        curves.plot(result.lrs[:n], result.smoothed_losses, color=colours[b], alpha=0.8, label=label)
+        label = None if v in labelled else f"{name} {v}"
+        labelled.add(v)
+        curves.plot(result.lrs[:n], result.smoothed_losses, color=colours[v], alpha=0.8, label=label)
     curves.set_xscale("log")
     curves.set_xlabel("learning rate (log scale)")
     curves.set_ylabel("smoothed loss (mean over all ranks)")
-    curves.set_title(f"range tests: {len(series.runs)} runs, {series.world_size} rank(s)")
+    curves.set_title(f"range tests: {len(series.runs)} runs, {series.world_size} rank(s)"
+                     + ("" if series.complete else f" (stopped: {len(series.runs)} of {series.planned})"))
     curves.grid(True, which="both", alpha=0.3)
     curves.legend(fontsize=8)
     losses = [v for run in series.runs for v in run.result.smoothed_losses if math.isfinite(v)]
@@ -138,30 +154,38 @@ def plot_series(series: SeriesResult, output_path: str | Path) -> Path:
         low, high = min(losses), sorted(losses)[int(0.95 * (len(losses) - 1))]
         curves.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
 
-    points = [(run.global_batch_size, run.result.optimal_lr) for run in series.runs if run.result.optimal_lr]
-    for b, lr in points:
-        scaling.scatter([b], [lr], color=colours[b], zorder=3)
+    points = [(v, run.result.optimal_lr) for run, v in zip(series.runs, series.values()) if run.result.optimal_lr]
+    for v, lr in points:
+        scaling.scatter([v], [lr], color=colours[v], zorder=3)
     fit = series.fit
     if fit is not None:
-        xs = [min(sizes), max(sizes)]
+        xs = [min(values), max(values)]
         prediction = series.prediction()
         if prediction is not None:
-            xs = [min(xs[0], prediction["global_batch_size"]), max(xs[1], prediction["global_batch_size"])]
+            xs = [min(xs[0], prediction["value"]), max(xs[1], prediction["value"])]
         err = "" if fit.exponent_stderr is None else f" ± {fit.exponent_stderr:.2f}"
-        scaling.plot(xs, [fit.predict(x) for x in xs], color="k", label=f"fit: lr ∝ B^{fit.exponent:.2f}{err}")
-        middle = math.sqrt(min(sizes) * max(sizes))
-        for power, style in ((0.5, ":"), (1.0, "--")):
+        scaling.plot(xs, [fit.predict(x) for x in xs], color="k", label=f"fit: lr ∝ {symbol}^{fit.exponent:.2f}{err}")
+        middle = math.sqrt(min(values) * max(values))
+        for power, style, why in REFERENCE_SLOPES.get(series.axis, ()):
             ys = [fit.predict(middle) * (x / middle) ** power for x in xs]
-            scaling.plot(xs, ys, color="grey", linestyle=style, label=f"B^{power:g} (reference)")
+            scaling.plot(xs, ys, color="grey", linestyle=style, label=f"{symbol}^{power:g} ({why})")
+        bend = series.bend
+        if bend is not None and bend.verdict == "bends":
+            scaling.axvspan(bend.bend_low, bend.bend_high, color="C2", alpha=0.12,
+                            label=f"LR stops rising: B ≈ {bend.bend:,.0f}")
         if prediction is not None:
             word = "extrapolated" if prediction["extrapolation"] else "interpolated"
-            scaling.scatter([prediction["global_batch_size"]], [prediction["lr"]], marker="x", color="C3", zorder=4,
-                            label=f"{word}: {prediction['lr']:.2e} at B={prediction['global_batch_size']}")
+            x, lr = prediction["value"], prediction["lr"]
+            if prediction.get("lr_low") is not None:
+                scaling.errorbar([x], [lr], yerr=[[lr - prediction["lr_low"]], [prediction["lr_high"] - lr]],
+                                 color="C3", capsize=4, zorder=4)
+            scaling.scatter([x], [lr], marker="x", color="C3", zorder=5, label=f"{word}: {lr:.2e} at {symbol}={x}")
     scaling.set_xscale("log", base=2)
     scaling.set_yscale("log")
-    scaling.set_xlabel("global batch size (log scale)")
+    scaling.set_xlabel(f"{name} (log scale)")
     scaling.set_ylabel("suggested learning rate (log scale)")
-    scaling.set_title("suggestion vs global batch size")
+    transfer = series.transfer()
+    scaling.set_title(f"suggestion vs {name}" + ("" if transfer is None else f": {transfer['verdict'].replace('_', ' ')}"))
     scaling.grid(True, which="both", alpha=0.3)
     if points or fit is not None:
         scaling.legend(fontsize=8)

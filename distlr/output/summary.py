@@ -20,26 +20,41 @@ def summary(result: LRFinderResult, cli: dict[str, Any] | None = None) -> str:
 
 
 def series_summary(series: SeriesResult) -> str:
-    """The terminal table of a series: each batch size's split and spread, the fit, the prediction."""
-    runs = {run.global_batch_size: run for run in series.runs}
-    lines = ["global batch | micro x ranks x accum | suggested lr (geo-mean)   min        max        answered"]
-    for size, spread in series.spreads().items():
-        run = runs[size]
+    """The terminal table of a series: each point's split and spread, the fit, what it says
+    (the bend of a batch series, whether a width series transfers), the prediction."""
+    from distlr.output.plot import AXES
+
+    name, symbol = AXES[series.axis]
+    label = name.split(" (")[0]
+    first = {v: run for v, run in zip(series.values(), series.runs)}
+    lines = [f"{label:>17} | micro x ranks x accum | suggested lr (geo-mean)   min        max        answered"]
+    for value, spread in series.spreads().items():
+        run = first[value]
         split = f"{run.micro_batch_size} x {series.world_size} x {run.accumulation_steps}"
-        lines.append(f"{size:>12} | {split:>20} | {_lr_or_dash(spread.geometric_mean):>23}   "
+        lines.append(f"{value:>17} | {split:>20} | {_lr_or_dash(spread.geometric_mean):>23}   "
                      f"{_lr_or_dash(spread.min):<10} {_lr_or_dash(spread.max):<10} {spread.answered}/{spread.repeats}")
     fit = series.fit
     if fit is None:
-        lines.append("fit: fewer than two batch sizes gave a suggestion")
+        lines.append(f"fit: fewer than two {label}s gave a suggestion")
     else:
         err = "" if fit.exponent_stderr is None else f" ± {fit.exponent_stderr:.2f}"
-        lines.append(f"fit: lr = {fit.coefficient:.3e} * B^{fit.exponent:.3f}{err} over {fit.points} runs "
-                     "(square-root scaling: 0.5, linear: 1)")
+        reading = {"global_batch_size": " (square-root scaling: 0.5, linear: 1)",
+                   "width": " (0: the LR transfers across widths)",
+                   "num_steps": " (the range test's short-horizon bias)"}[series.axis]
+        lines.append(f"fit: lr = {fit.coefficient:.3e} * {symbol}^{fit.exponent:.3f}{err} over {fit.points} runs{reading}")
+    if series.bend is not None:
+        lines.append(f"bend: {series.bend.describe()}")
+    transfer = series.transfer()
+    if transfer is not None:
+        lines.append(f"transfer: {transfer['sentence']}")
     prediction = series.prediction()
     if prediction is not None:
-        where = ("EXTRAPOLATED outside the swept sizes" if prediction["extrapolation"]
-                 else "within the swept sizes")
-        lines.append(f"predicted lr at global batch {prediction['global_batch_size']}: {prediction['lr']:.3e} ({where})")
+        where = ("EXTRAPOLATED outside the values run" if prediction["extrapolation"] else "within the values run")
+        band = ("" if prediction.get("lr_low") is None
+                else f", {prediction['lr_low']:.3e} to {prediction['lr_high']:.3e} (2 standard errors)")
+        lines.append(f"predicted lr at {label} {prediction['value']}: {prediction['lr']:.3e}{band} ({where})")
+    if not series.complete:
+        lines.append(f"incomplete: {len(series.runs)} of {series.planned} runs finished")
     return "\n".join(lines)
 
 

@@ -428,9 +428,9 @@ class LRFinder:
                 micro, accumulation = splits[size]
                 seed = self.data_seed + repeat
                 if self.ctx.is_main:
-                    logger.info("run %d/%d: %s, global batch %d (%d per micro-batch x %d rank(s) x %d), repeat %d, "
-                                "seed %d", k, len(plan), f"{axis} {value}", size, micro, world, accumulation,
-                                repeat + 1, seed)
+                    point = "" if axis == "global_batch_size" else f"{axis} {value}, "
+                    logger.info("run %d/%d: %sglobal batch %d (%d per micro-batch x %d rank(s) x %d), repeat %d, "
+                                "seed %d", k, len(plan), point, size, micro, world, accumulation, repeat + 1, seed)
                 self.train_dataloader = reshuffled(original, self.ctx, batch_size=micro, seed=seed)
                 run_kwargs = {**find_kwargs, "accumulation_steps": accumulation}
                 if axis == "num_steps":

@@ -61,3 +61,21 @@ class LogitsOnly(nn.Module):
 
 def logits_only() -> nn.Module:
     return LogitsOnly()
+
+
+class TinyLM(nn.Module):
+    """A bigram language model of a given width, nanoGPT's convention: ``model(idx, targets)``
+    returns the loss (for the command line's width series)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, width)
+        self.head = nn.Linear(width, 256)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(torch.relu(self.embed(idx)))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def tiny_lm(width: int = 16) -> nn.Module:
+    return TinyLM(width)

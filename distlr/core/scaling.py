@@ -554,9 +554,12 @@ class SeriesResult:
         return {v: spread([lr for x, lr in zip(values, lrs) if x == v]) for v in sorted(set(values))}
 
     @property
-    def bend(self) -> Any:
-        """For a batch series: where the LR stops rising with B (``fit_saturating``)."""
-        return None
+    def bend(self) -> SaturatingFit | None:
+        """For a batch series: where the LR stops rising with B (``fit_saturating``); None for
+        other axes and with fewer than two sizes that gave a suggestion."""
+        if self.axis != "global_batch_size":
+            return None
+        return fit_saturating(self.values(), self._lrs())
 
     def transfer(self) -> dict[str, Any] | None:
         """For a width series: whether the suggestion is flat across widths (the parametrisation
@@ -609,6 +612,7 @@ class SeriesResult:
                 "values": sorted(set(self.values())),
                 "runs": [r.to_dict() for r in self.runs],
                 "fit": None if fit is None else fit.to_dict(),
+                "bend": None if self.bend is None else self.bend.to_dict(),
                 "transfer": self.transfer(),
                 "spread": {str(v): s.to_dict() for v, s in self.spreads().items()},
                 "prediction": self.prediction()}

@@ -24,14 +24,14 @@ def series_summary(series: SeriesResult) -> str:
     (the bend of a batch series, whether a width series transfers), the prediction."""
     from distlr.output.plot import AXES
 
-    name, symbol = AXES[series.axis]
-    label = name.split(" (")[0]
+    _, symbol = AXES[series.axis]
+    label = {"global_batch_size": "global batch", "width": "width", "num_steps": "num_steps"}[series.axis]
     first = {v: run for v, run in zip(series.values(), series.runs)}
-    lines = [f"{label:>17} | micro x ranks x accum | suggested lr (geo-mean)   min        max        answered"]
+    lines = [f"{label:>12} | micro x ranks x accum | suggested lr (geo-mean)   min        max        answered"]
     for value, spread in series.spreads().items():
         run = first[value]
         split = f"{run.micro_batch_size} x {series.world_size} x {run.accumulation_steps}"
-        lines.append(f"{value:>17} | {split:>20} | {_lr_or_dash(spread.geometric_mean):>23}   "
+        lines.append(f"{value:>12} | {split:>20} | {_lr_or_dash(spread.geometric_mean):>23}   "
                      f"{_lr_or_dash(spread.min):<10} {_lr_or_dash(spread.max):<10} {spread.answered}/{spread.repeats}")
     fit = series.fit
     if fit is None:

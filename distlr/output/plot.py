@@ -109,10 +109,11 @@ AXES = {"global_batch_size": ("global batch size", "B"), "width": ("width", "wid
 """Each series axis as the plot and the table name it, and its symbol in a fit."""
 REFERENCE_SLOPES = {
     "global_batch_size": ((0.5, ":", "square root"), (1.0, "--", "linear")),
-    "width": ((0.0, ":", "transfers, as muP"), (-1.0, "--", "1/width, Adam in SP")),
+    "width": ((0.0, ":", "transfers, as muP"), (-1.0, "--", "1/width, SP's stability limit")),
 }
 """Published slopes to read a fit against: batch (Krizhevsky 2014; Goyal et al. 2017) and width
-(Yang et al. 2022: flat under muP, about 1/width for Adam under the standard parametrisation)."""
+(Yang et al. 2022: flat under muP; under the standard parametrisation the largest stable LR
+falls about as 1/width, for SGD through the readout and for Adam through every hidden layer)."""
 
 
 def plot_series(series: SeriesResult, output_path: str | Path) -> Path:

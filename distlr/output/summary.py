@@ -41,7 +41,8 @@ def series_summary(series: SeriesResult) -> str:
         reading = {"global_batch_size": " (square-root scaling: 0.5, linear: 1)",
                    "width": " (0: the LR transfers across widths)",
                    "num_steps": " (the range test's short-horizon bias)"}[series.axis]
-        lines.append(f"fit: lr = {fit.coefficient:.3e} * {symbol}^{fit.exponent:.3f}{err} over {fit.points} runs{reading}")
+        exponent = round(fit.exponent, 3) + 0.0  # + 0.0: equal suggestions give -4e-16, printed as 0.000, not -0.000
+        lines.append(f"fit: lr = {fit.coefficient:.3e} * {symbol}^{exponent:.3f}{err} over {fit.points} runs{reading}")
     if series.bend is not None:
         lines.append(f"bend: {series.bend.describe()}")
     transfer = series.transfer()

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,11 +148,8 @@ def deepspeed_launcher(args: list[str], *, nproc: int, timeout: float = 240.0) -
 def run_job(cmd: list[str], *, timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None) -> Launch:
     """Run a multi-process job; its whole process group is killed at ``timeout``, so a hang is
     reported as a failure (returncode -9) with everything printed so far, never waited out."""
-    # PYTHONFAULTHANDLER: a rank killed by a native abort prints every thread's Python stack.
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1",
-                "HF_HUB_OFFLINE": "1",
-                "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    marker = uuid.uuid4().hex
+    full_env = job_env(marker, env)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -160,10 +158,38 @@ def run_job(cmd: list[str], *, timeout: float, cwd: Path | None = None, env: dic
         code = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        kill_marked(marker)
         output, _ = proc.communicate()
         output += f"\n[test harness] killed after {timeout:.0f} s: the job hung"
         code = -9
     return Launch(code, output, time.monotonic() - start)
+
+
+def job_env(marker: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test job: unbuffered output, one thread per rank, no hub, DeepSpeed
+    on the CPU, this venv first on PATH, and ``DISTLR_TEST_JOB=marker``, which every process of
+    the job inherits so that ``kill_marked`` can find them all."""
+    # PYTHONFAULTHANDLER: a rank killed by a native abort prints every thread's Python stack.
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1",
+                "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    full_env["DISTLR_TEST_JOB"] = marker
+    return full_env
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment carries ``DISTLR_TEST_JOB=marker``: torchrun starts
+    each worker in a session of its own, so killing the launcher's process group leaves a hung
+    worker alive."""
+    needle = f"DISTLR_TEST_JOB={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def engine_digest(engine) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Launch
+from helpers import Launch, job_env, kill_marked
 
 pytestmark = pytest.mark.timeout(360)
 JOB_TIMEOUT = 300.0
@@ -65,12 +65,8 @@ def _free_port() -> int:
 
 
 def _job_env(tmp: Path, marker: str) -> dict[str, str]:
-    # What helpers.run_job sets, a temp directory of the node's own (node-local /tmp), and a
-    # marker every process of the job inherits, so that all of them can be found and ended.
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "TMPDIR": str(tmp),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "DISTLR_TEST_JOB": marker}
+    # What helpers.run_job sets, and a temp directory of the node's own (node-local /tmp).
+    return job_env(marker, {"TMPDIR": str(tmp)})
 
 
 def _kill_job(agents: list[subprocess.Popen], marker: str) -> None:
@@ -82,13 +78,7 @@ def _kill_job(agents: list[subprocess.Popen], marker: str) -> None:
             os.killpg(agent.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    needle = f"DISTLR_TEST_JOB={marker}".encode()
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                os.kill(int(entry.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass  # gone already, or not ours to read
+    kill_marked(marker)
     for agent in agents:
         agent.wait()
 

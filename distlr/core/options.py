@@ -206,10 +206,11 @@ class RangeTestArgs:
 
 
 MAX_NUM_STEPS = 100_000
-"""The most steps a range test may take. Each step keeps its point (about 0.3-1.4 kB with the
-analysis' arrays, measured with tracemalloc), and the analysis of a curve takes 0.2 s at 1,000
-points, 2.9 s at 10,000 and grows faster than linearly (benchmarks/README.md); a larger number
-is a typo far more often than a plan, and one in the billions used to fill memory."""
+"""The most steps a range test may take. Each step keeps its point (0.3-1.4 kB at the analysis'
+peak, measured with tracemalloc), and the analysis of a curve grows faster than linearly: 0.2 s
+at 1,000 points, 2.9 s at 10,000, 7 s at 30,000 and about 110 s at 100,000 on the 2-core CPU
+machine. A larger number is a typo far more often than a plan; one in the billions used to fill
+memory."""
 
 DEFAULTS = RangeTestArgs()
 """The defaults, which ``LRFinder.find()``'s signature reads: one place for each."""

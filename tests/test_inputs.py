@@ -367,7 +367,7 @@ def test_a_yaml_true_is_no_number(tmp_path):
 
 def test_a_flag_prefix_suggests_the_flags_it_starts(capsys):
     assert main(["--num", "10"]) == 2
-    assert "did you mean --num-steps or --num-workers?" in capsys.readouterr().err
+    assert "did you mean --num-steps or --num-steps-series or --num-workers?" in capsys.readouterr().err
 
 
 def test_the_global_batch_is_measured_not_taken_from_the_first_batch():

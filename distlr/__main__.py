@@ -177,9 +177,12 @@ def entry() -> int:
 
 def _leave(code: int) -> None:
     """End a rank of a multi-process job now, everything written and flushed, without the
-    interpreter's teardown: there torch's C++ threads now and then abort the process
-    ("terminate called without an active exception"), which turns a finished run into a failed
-    job. Seen in the test suite's torchrun jobs (1 in 80 runs) and under the deepspeed launcher."""
+    interpreter's teardown. A process group still held at shutdown keeps its gloo threads
+    running there, and one that frees the last collective's tensors needs the GIL, finds the
+    interpreter finalizing and aborts the process ("terminate called without an active
+    exception"), turning a finished run into a failed job. distlr's own hold on the group is
+    gone (see ``distlr.dist.session``), but DeepSpeed's module globals and FSDP2's device mesh
+    still hold theirs after ``destroy_process_group``."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

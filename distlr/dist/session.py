@@ -21,6 +21,17 @@ from distlr.core.options import DEFAULT_TIMEOUT_S, DEVICE_CHOICES, DIST_BACKENDS
 from distlr.dist.launch import LaunchInfo, launch_info
 from distlr.dist.collectives import DistContext
 
+if dist.is_available() and not dist.is_initialized():
+    # Imported while no process group exists (a script imports distlr before it makes one), and
+    # never later. This torch module (2.13) takes ``group.WORLD`` as a default argument when it
+    # is first imported, and torch._dynamo imports it, which the first optimizer or DDP wrapper
+    # made after ``init_process_group`` pulls in: the group is then held until the interpreter
+    # shuts down, whatever destroys it. Its gloo threads still run there, and one letting go of
+    # the last collective's tensors waits for the GIL, finds the interpreter finalizing and
+    # aborts the process ("terminate called without an active exception"): 8 runs in 90 of a
+    # plain torch script, 4 in 90 with distlr; none in 80 and in 50 with this module imported first.
+    import torch.distributed.nn  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
 _groups_made = 0

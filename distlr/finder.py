@@ -415,7 +415,8 @@ class LRFinder:
                               "widths": None if widths is None else sorted(widths),
                               "num_steps_series": None if num_steps_series is None else sorted(num_steps_series),
                               "target_global_batch_size": target_global_batch_size, "target_width": target_width})
-        self._warn_about_splits(splits, micro_max, find_kwargs.get("num_steps", DEFAULTS.num_steps))
+        longest = max(num_steps_series) if num_steps_series else find_kwargs.get("num_steps", DEFAULTS.num_steps)
+        self._warn_about_splits(splits, micro_max, longest)
         points: list[int] = sorted({"global_batch_size": sizes, "width": widths or [],
                                     "num_steps": num_steps_series or []}[axis])
         plan = [(v, r) for v in points for r in range(repeats)]

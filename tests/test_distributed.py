@@ -380,7 +380,10 @@ def test_sigterm_restores_every_rank_and_removes_every_snapshot(tmp_path):
     snapshot = "disk"
     job = launch(MODULE, tmp_path, [f"sigterm:{snapshot}"], timeout=120)
     assert job.returncode != -9, job.explain()  # ended by the signal, not by the harness
-    ranks = read_ranks(tmp_path, f"sigterm:{snapshot}")
+    try:
+        ranks = read_ranks(tmp_path, f"sigterm:{snapshot}")
+    except FileNotFoundError as missing:  # a rank ended before writing its record: say how
+        pytest.fail(f"{missing}\n{job.explain()}")
     for rank, record in enumerate(ranks):
         assert record["outcome"] == "Terminated", (rank, job.explain())
         assert record["restored"], rank

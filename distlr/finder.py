@@ -394,8 +394,13 @@ class LRFinder:
         world = self.ctx.world_size
         micro_max = self._spec.micro_batch_hint
         with D.agree_on_failure(self.ctx):
-            axis = check_series_axes(global_batch_sizes, widths, model_factory, num_steps_series, target_width,
-                                     find_kwargs)
+            axis = check_series_axes(global_batch_sizes, widths, num_steps_series, target_width,
+                                     num_steps_given="num_steps" in find_kwargs)
+            if widths is not None and not callable(model_factory):
+                raise ValueError("widths=... needs model_factory: a function called as model_factory(width=w) that "
+                                 "returns a fresh module (or a module and its optimizer)")
+            if widths is None and model_factory is not None:
+                raise ValueError("model_factory is used only with widths=...")
             check_series_args(global_batch_sizes, repeats, target_global_batch_size,
                               accumulation_given="accumulation_steps" in find_kwargs)
             if axis == "width" and self._spec.kind.name not in ("torch",):

@@ -20,7 +20,7 @@ from typing import Any
 from distlr.core.options import (DEFAULT_TIMEOUT_S, DIST_BACKENDS, OPTIMIZERS, SNAPSHOT_MODES, TOKEN_DTYPES, DistBackend,
                                  OptimizerName, RangeTestArgs, SnapshotMode, TokenDtype, check_choice, check_device,
                                  check_timeout, closest, is_int, is_real)
-from distlr.core.scaling import check_series_args
+from distlr.core.scaling import check_series_args, check_series_axes
 from distlr.output import trackers
 from distlr.output.progress import LOG_EVERY, check_display_args
 
@@ -152,12 +152,8 @@ class RunConfig:
         if self.widths is not None and (":" not in self.model or Path(self.model).exists()):
             raise ValueError(f"widths={self.widths!r} needs --model as a 'package.module:function' factory that takes "
                              f"width=..., got model={self.model!r}")
-        if self.target_width is not None and self.widths is None:
-            raise ValueError(f"target_width={self.target_width!r} needs a width series: give --widths "
-                             "(two or more, e.g. 256,512,1024)")
-        if self.num_steps_series is not None and self.range_test.num_steps != RangeTestArgs().num_steps:
-            raise ValueError("num_steps with num_steps_series: each run's length is one of num_steps_series; "
-                             "leave num_steps out")
+        check_series_axes(self.batch_sizes(), self.width_list(), self.num_steps_list(), self.target_width,
+                          num_steps_given=self.range_test.num_steps != RangeTestArgs().num_steps)
         if self.is_series and self.report_to.strip().lower() not in ("", "none"):
             raise ValueError(f"report_to={self.report_to!r} with a series: trackers get single range tests only, not "
                              "series yet; leave report_to out (series.json and series.png hold every run)")

@@ -618,9 +618,10 @@ class SeriesResult:
                 "prediction": self.prediction()}
 
 
-def check_series_axes(global_batch_sizes: Sequence[Any] | None, widths: Sequence[Any] | None, model_factory: Any,
-                      num_steps_series: Sequence[Any] | None, target_width: Any, find_kwargs: dict[str, Any]) -> str:
-    """The one axis a series' arguments ask for; raise ValueError naming what conflicts."""
+def check_series_axes(global_batch_sizes: Sequence[Any] | None, widths: Sequence[Any] | None,
+                      num_steps_series: Sequence[Any] | None, target_width: Any, *, num_steps_given: bool) -> str:
+    """The one axis a series' arguments ask for (``LRFinder.series`` and the command line's);
+    raise ValueError naming what conflicts."""
     from distlr.core.options import MAX_NUM_STEPS, is_int
 
     given = [name for name, value in (("global_batch_sizes", global_batch_sizes), ("widths", widths),
@@ -636,14 +637,10 @@ def check_series_axes(global_batch_sizes: Sequence[Any] | None, widths: Sequence
         if name == "num_steps_series" and max(items) > MAX_NUM_STEPS:
             raise ValueError(f"num_steps_series: {max(items):,} is more than a range test can take "
                              f"(at most {MAX_NUM_STEPS:,})")
-    if widths is not None and not callable(model_factory):
-        raise ValueError("widths=... needs model_factory: a function called as model_factory(width=w) that returns "
-                         "a fresh module (or a module and its optimizer)")
-    if widths is None and model_factory is not None:
-        raise ValueError("model_factory is used only with widths=...")
     if target_width is not None and (widths is None or not is_int(target_width) or target_width < 1):
-        raise ValueError(f"target_width={target_width!r} needs widths=... and must be an int >= 1")
-    if num_steps_series is not None and "num_steps" in find_kwargs:
+        raise ValueError(f"target_width={target_width!r} needs a width series (widths=..., --widths: two or more, "
+                         "e.g. 256,512,1024) and must be an int >= 1")
+    if num_steps_series is not None and num_steps_given:
         raise ValueError("num_steps with num_steps_series: each run's length is one of num_steps_series; "
                          "leave num_steps out")
     return "width" if widths is not None else "num_steps" if num_steps_series is not None else "global_batch_size"

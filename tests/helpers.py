@@ -326,10 +326,14 @@ class Faulty(nn.Module):
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.mode == "sigterm_launcher":
                 # As when a rank fails or the job is cancelled: the launcher gets SIGTERM and
-                # passes it on to every rank. Every rank waits here for it.
+                # passes it on to every rank. Every rank waits here for it, in short sleeps: the
+                # kernel may hand the signal to one of torch's threads, and then one long sleep of
+                # the main thread runs to its end before Python's handler can run; torchrun's
+                # grace before SIGKILL is 30 s (3 jobs in ~20 under load did, 0 in 45 since).
                 if RANK == 1:
                     os.kill(os.getppid(), signal.SIGTERM)
-                time.sleep(30)
+                for _ in range(600):
+                    time.sleep(0.05)
             if self.mode == "stall":
                 time.sleep(600)
             return out * math.nan

@@ -40,6 +40,26 @@ def test_a_directory_a_live_run_holds_is_refused_with_its_pid_even_with_overwrit
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "lr_finder.png", "notes.txt", "result.json"]
 
 
+def test_a_run_refused_in_the_instant_before_the_holder_names_itself_still_gets_its_pid(tmp_path):
+    """The holder writes its line just after it takes the lock; a run that looks in between (one
+    pair in 20 in CI) must still be told whose run it is."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / CLAIM_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, and not yet named
+    late = threading.Timer(0.2, lambda: os.pwrite(fd, b"pid 4242 on node7, since 01:02:03", 0))
+    late.start()
+    try:
+        with pytest.raises(FileExistsError, match=r"still going \(pid 4242 on node7, since 01:02:03\)"):
+            Claim(out).take()
+    finally:
+        late.join()
+        os.close(fd)
+
+
 def test_the_claim_of_a_run_that_died_is_taken_over(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -44,7 +44,7 @@ class Claim:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                owner = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                owner = _read_owner(fd)
                 os.close(fd)
                 raise FileExistsError(
                     f"output_dir={str(self.directory)!r} is in use by a distlr run that is still going ({owner}); "
@@ -68,6 +68,22 @@ class Claim:
         Path(self.directory / CLAIM_FILE).unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
+
+
+OWNER_WAIT_S = 1.0
+"""How long a refused run waits for the holder's line in the lock file. The holder writes it
+just after it takes the lock; a run that looks in between (CI saw it once in 20 pairs on a busy
+2-core machine) would name no PID."""
+
+
+def _read_owner(fd: int) -> str:
+    """The line the claim's holder wrote (``pid N on HOST, since HH:MM:SS``), or "another process"."""
+    deadline = time.monotonic() + OWNER_WAIT_S
+    while True:
+        owner = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        if owner or time.monotonic() > deadline:
+            return owner or "another process"
+        time.sleep(0.01)
 
 
 def new_output_dir(requested: str | None, *, overwrite: bool, root: str | Path = "distlr-runs") -> tuple[Path, bool, Claim]:

@@ -27,6 +27,20 @@ def test_reset_restores_again_after_further_training(regression):
     assert_same_bits(before, fingerprint(model, optimizer))
 
 
+def test_leaving_the_with_block_lets_go_of_the_snapshot_and_reset_then_says_so(regression):
+    model, loader = regression
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = fingerprint(model, optimizer)
+    with LRFinder(model, loader, optimizer, nn.MSELoss(), device="cpu") as finder:
+        finder.find(min_lr=1e-4, max_lr=1.0, num_steps=10)
+        warm_up(model, optimizer, loader, steps=2)
+        finder.reset()  # inside the block: restores
+        assert_same_bits(before, fingerprint(model, optimizer))
+    assert finder._snapshot is None  # no host copy of the state outlives the block
+    with pytest.raises(RuntimeError, match="after the finder was closed .* call reset\\(\\) inside the with block"):
+        finder.reset()
+
+
 def test_reset_before_find_does_nothing(regression):
     model, loader = regression
     finder = LRFinder(model, loader, criterion=nn.MSELoss(), device="cpu")

@@ -67,7 +67,7 @@ def collectives(out: Path) -> dict:
     """Count the collectives distlr issues from Python (DDP's gradient all-reduce runs in C++
     and is not counted), for a 10- and a 30-step sweep."""
     counts: dict[str, int] = {}
-    names = ("all_reduce", "broadcast", "all_gather_object", "broadcast_object_list", "barrier")
+    names = ("all_reduce", "broadcast", "all_gather", "barrier")
     originals = {name: getattr(dist, name) for name in names}
 
     def counting(name):
@@ -341,12 +341,12 @@ def test_each_step_costs_one_all_reduce_and_nothing_else(two_ranks):
         # Per step: one all-reduce of the packed statistics. Every rank runs the same stop rule
         # on the same sums, so no stop decision is broadcast.
         assert thirty["all_reduce"] - ten["all_reduce"] == 20
-        assert "broadcast" not in ten and "broadcast" not in thirty
-        # Per find(), whatever its length: three checks that every rank is fine (the arguments,
-        # that they agree, the backend and the snapshot: all_gather_object... four), the
-        # result broadcast (broadcast_object_list) and one "did any shard run out" all-reduce.
+        assert ten.get("broadcast") == thirty.get("broadcast") == 2
+        # Per find(), whatever its length: four exchanges that every rank is fine (the arguments,
+        # that they agree, the backend and the snapshot), each its sizes then its bytes; the
+        # result broadcast (its size, then its bytes); one "did any shard run out" all-reduce.
         assert ten["all_reduce"] == 10 + 1
-        assert ten.get("all_gather_object") == 4 and ten.get("broadcast_object_list") == 1
+        assert ten.get("all_gather") == thirty.get("all_gather") == 2 * 4
         assert "barrier" not in ten
 
 

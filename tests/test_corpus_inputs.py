@@ -84,6 +84,24 @@ def test_a_bin_of_wider_ids_is_refused_with_the_dtype_to_pass(tmp_path, written,
     assert read(path, token_dtype=written).tokens.tolist() == list(range(1, 1001))  # not 2,000 ids half zeros
 
 
+def test_int32_ids_beyond_uint16_read_as_uint16_are_refused_too(tmp_path):
+    """A vocabulary over 65,536 (Llama 3, 128k): the high halves are 0 or 1, not all 0."""
+    path = tmp_path / "big.bin"
+    ids = np.random.default_rng(0).integers(0, 100_000, 5000).astype(np.int32)
+    ids.tofile(path)
+    message = refusal(path)
+    assert str(path) in message and "every second of its 10,000 ids is at most 1 while the others reach" in message
+    assert "--token-dtype int32" in message
+    assert read(path, token_dtype="int32").tokens.tolist() == ids.tolist()
+
+
+@pytest.mark.parametrize("vocab", [256, 50_000, 65_536])
+def test_real_uint16_streams_are_read_whatever_their_vocabulary(tmp_path, vocab):
+    ids = np.random.default_rng(1).integers(0, vocab, 5000).astype(np.uint16)
+    ids.tofile(tmp_path / "train.bin")
+    assert read(tmp_path / "train.bin").tokens.tolist() == ids.tolist()
+
+
 def test_uint16_ids_with_zeros_among_them_are_still_read(tmp_path):
     ids = np.random.default_rng(0).integers(0, 3, 1000).astype(np.uint16)  # a third of them 0
     ids.tofile(tmp_path / "train.bin")
@@ -233,17 +251,22 @@ def test_latin_1_jsonl_is_refused_then_read_with_its_encoding(tmp_path):
     assert read(path, text_encoding="latin-1").tokens.numel() == len("\n\n".join([TEXT] * 3).encode("utf-8"))
 
 
-def test_directories_of_jsonl_and_parquet_are_read_as_the_files_they_hold(tmp_path):
+def test_directories_of_jsonl_parquet_and_arrow_are_read_as_the_files_they_hold(tmp_path):
     datasets = pytest.importorskip("datasets")
     texts = [f"line {i}: the quick brown fox" for i in range(30)]
     expected = len("\n\n".join(texts).encode("utf-8"))
-    (tmp_path / "j").mkdir()
-    (tmp_path / "p").mkdir()
+    import pyarrow as pa
+
+    for folder in ("j", "p", "a"):
+        (tmp_path / folder).mkdir()
     for part in range(3):
-        write_jsonl(tmp_path / "j" / f"{part}.jsonl", [{"text": t} for t in texts[part * 10:part * 10 + 10]])
-        datasets.Dataset.from_dict({"text": texts[part * 10:part * 10 + 10]}).to_parquet(
-            str(tmp_path / "p" / f"{part}.parquet"))
-    for folder, kind in (("j", "json"), ("p", "parquet")):
+        rows = texts[part * 10:part * 10 + 10]
+        write_jsonl(tmp_path / "j" / f"{part}.jsonl", [{"text": t} for t in rows])
+        datasets.Dataset.from_dict({"text": rows}).to_parquet(str(tmp_path / "p" / f"{part}.parquet"))
+        table = pa.table({"text": rows})
+        with pa.ipc.new_stream(str(tmp_path / "a" / f"{part}.arrow"), table.schema) as stream:  # as datasets writes
+            stream.write_table(table)
+    for folder, kind in (("j", "json"), ("p", "parquet"), ("a", "arrow")):
         corpus = read(tmp_path / folder)
         assert corpus.tokens.numel() == expected and len(corpus.files) == 3 and corpus.source.startswith(kind)
 

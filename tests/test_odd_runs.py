@@ -76,6 +76,16 @@ def test_a_loss_that_explodes_to_nan_at_once_says_it_diverged_too_early():
     assert result.optimal_lr is None and "points" in result.suggestion_note
 
 
+def test_a_loss_that_is_nan_at_step_1_blames_the_model_or_data_not_the_range():
+    """The first loss comes before the first update, so no LR caused it: "lower min_lr" would
+    send the user the wrong way (the peers' finders say so; distlr did too)."""
+    result = run(ScalarLoss(lambda step: math.nan))
+    assert result.stop_reason == "non_finite" and result.diverged_at == 0 and result.optimal_lr is None
+    assert "not finite at step 1, before any optimizer step" in result.suggestion_note
+    assert "lower min_lr" not in result.suggestion_note
+    assert any("lowering min_lr would not help" in note for note in result.range_notes)
+
+
 def test_frozen_parameters_and_batchnorm_buffers_run_normally():
     model = RegressionNet()
     model.body[0].requires_grad_(False)

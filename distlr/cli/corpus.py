@@ -295,27 +295,42 @@ def _load_raw(path: Path, token_dtype: str) -> np.ndarray:
                          f"({dtype.itemsize} bytes each); pass --token-dtype with the dtype it was written in "
                          f"({', '.join(TOKEN_DTYPES)})")
     ids = np.fromfile(path, dtype=dtype)
-    width = _true_width(ids)
-    if width is not None:
+    found = _true_width(ids)
+    if found is not None:
+        width, high = found
         ratio = width // dtype.itemsize
-        zeros = f"every second of its {ids.size:,} ids is 0" if ratio == 2 else \
-            f"three of every four of its {ids.size:,} ids are 0"
-        raise ValueError(f"data file {str(path)!r} read as {token_dtype}: {zeros}, so it holds {width}-byte token "
-                         "ids; pass --token-dtype "
+        which = "every second" if ratio == 2 else "three of every four"
+        seen = (f"{which} of its {ids.size:,} ids {'is' if ratio == 2 else 'are'} 0" if high == 0 else
+                f"{which} of its {ids.size:,} ids {'is' if ratio == 2 else 'are'} at most {high} while the others "
+                f"reach {int(ids.reshape(-1, ratio)[:, 0].max()):,}")
+        raise ValueError(f"data file {str(path)!r} read as {token_dtype}: {seen}, so it holds {width}-byte token "
+                         "ids (those are their high bytes); pass --token-dtype "
                          f"{'int64' if width == 8 else 'int32 (or uint32)'}")
     return ids
 
 
-def _true_width(ids: np.ndarray) -> int | None:
-    """The width in bytes of the ids a raw file read too narrow really holds: each of its
-    (little-endian) ids then reads as one value followed by zeros, its high bytes."""
+HIGH_PART_LIMIT = 256
+"""A raw file read too narrow shows its wide ids' high parts as every second value (every fourth):
+zeros for ids that fit the narrow type, and small numbers (1 for ids up to 131,071) beyond it.
+Below this bound while the low parts reach this many times higher is how those high parts look;
+in a real token stream every position draws from the same vocabulary (a vocabulary of 256 or
+fewer, bytes, never reaches above it)."""
+
+
+def _true_width(ids: np.ndarray) -> tuple[int, int] | None:
+    """``(width in bytes, largest high part)`` of the ids a raw file read too narrow really holds:
+    each (little-endian) id then reads as its low part followed by its high parts, which are 0 or
+    small (``HIGH_PART_LIMIT``). None when the file reads as ids of its own width."""
     for width in (8, 4):
         ratio = width // ids.itemsize
         if ratio < 2 or ids.size % ratio or ids.size // ratio < 8:  # too few to tell
             continue
         rows = ids.reshape(-1, ratio)
-        if rows[:, 0].any() and not rows[:, 1:].any():
-            return width
+        low, high = int(rows[:, 0].max()), int(rows[:, 1:].max())
+        if low and not high:
+            return width, 0
+        if ids.size // ratio >= 64 and high < HIGH_PART_LIMIT and low >= HIGH_PART_LIMIT * (high + 1):
+            return width, high  # 64 rows: a real stream's odd positions all that small by chance is nil
     return None
 
 

@@ -139,6 +139,13 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
         return _fail(err, is_main)  # what the user can fix by changing the command
     except D.DistlrError as err:  # a failure distlr explained: a rank lost, fp16 overflowing
         return _fail(err, True, code=1)  # each rank says what it saw
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise
+        return _fail(f"out of memory on rank {info.rank if info else 0} during the range test "
+                     f"({str(err).splitlines()[0][:200]}); the model, optimizer and RNG state were put back. "
+                     f"Use a smaller --batch-size (now {cfg.batch_size}) or --seq-len (now {cfg.seq_len}); "
+                     "--accumulation-steps keeps the global batch", True, code=1)
     except KeyboardInterrupt as err:
         if is_main:
             what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
@@ -161,7 +168,15 @@ def _series_json(series: Any, cli: dict[str, Any]) -> str:
     return json.dumps({**series.to_dict(), "cli": cli}, indent=2, allow_nan=False)
 
 
-def _fail(err: BaseException, is_main: bool, *, code: int = 2) -> int:
+def _out_of_memory(err: RuntimeError) -> bool:
+    """A failed allocation: CUDA's own error type, or the CPU allocator's RuntimeError (torch has
+    no type of its own for it: "DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def _fail(err: BaseException | str, is_main: bool, *, code: int = 2) -> int:
     if is_main:
         print(f"distlr: error: {err}", file=sys.stderr)
     return code

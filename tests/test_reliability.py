@@ -147,6 +147,26 @@ def test_what_would_fill_memory_or_be_ignored_is_refused_before_the_first_step(t
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_running_out_of_memory_in_a_step_is_one_line_and_exit_1(tmp_path):
+    """The demo model at a micro-batch of 2,000 x 128 tokens passes the attention estimate
+    (about 4 GiB) but needs more than a 7 GiB address space: its step fails in the allocator,
+    which torch raises as a bare RuntimeError and used to reach the user as a traceback."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (7 * 2**30, 7 * 2**30))
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "distlr", "--batch-size", "2000", "--seq-len", "128", "--num-steps", "3",
+            "--no-progress", "--output-dir", str(out)]
+    proc = subprocess.run(argv, cwd=tmp_path, preexec_fn=limit, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr
+    assert "distlr: error: out of memory on rank 0 during the range test" in proc.stderr
+    assert "were put back. Use a smaller --batch-size (now 2000) or --seq-len (now 128)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_a_num_steps_beyond_the_limit_is_refused_from_yaml_and_the_api_alike(tmp_path, capsys):
     from distlr.core.options import MAX_NUM_STEPS, RangeTestArgs
 

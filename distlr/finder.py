@@ -28,7 +28,8 @@ from distlr.core.options import (DEFAULT_TIMEOUT_S, DEFAULTS, SNAPSHOT_MODES, Am
                                  StepMode, SuggestionMethod, check_choice)
 from distlr.core.result import LRFinderResult
 from distlr.core.rules import still_open
-from distlr.core.scaling import SeriesResult, SeriesRun, check_series_args, check_series_axes, split_global_batch
+from distlr.core.scaling import split_global_batch
+from distlr.core.series import SeriesResult, SeriesRun, check_series
 from distlr.core.smoothing import LossTracker
 from distlr.dist import collectives as D
 from distlr.dist.session import start_session
@@ -402,15 +403,16 @@ class LRFinder:
         world = self.ctx.world_size
         micro_max = self._spec.micro_batch_hint
         with D.agree_on_failure(self.ctx):
-            axis = check_series_axes(global_batch_sizes, widths, num_steps_series, target_width,
-                                     num_steps_given="num_steps" in find_kwargs)
+            axis = check_series(global_batch_sizes, widths, num_steps_series, repeats=repeats,
+                                target_global_batch_size=target_global_batch_size, target_width=target_width,
+                                num_steps=find_kwargs.get("num_steps", DEFAULTS.num_steps),
+                                num_steps_given="num_steps" in find_kwargs,
+                                accumulation_given="accumulation_steps" in find_kwargs)
             if widths is not None and not callable(model_factory):
                 raise ValueError("widths=... needs model_factory: a function called as model_factory(width=w) that "
                                  "returns a fresh module (or a module and its optimizer)")
             if widths is None and model_factory is not None:
                 raise ValueError("model_factory is used only with widths=...")
-            check_series_args(global_batch_sizes, repeats, target_global_batch_size,
-                              accumulation_given="accumulation_steps" in find_kwargs)
             if axis == "width" and self._spec.kind.name not in ("torch",):
                 raise ValueError(f"series(widths=...) trains fresh plain modules (DDP under torchrun); this finder "
                                  f"runs a {self._spec.kind.name} model: run the width series on the plain model")

@@ -138,6 +138,9 @@ def test_a_finished_series_is_marked_complete(tmp_path):
     (["--target-global-batch-size", "512"], ["target_global_batch_size=512 needs a fit", "two or more",
                                              "--global-batch-sizes"]),
     (["--seq-len", "100000"], ["seq_len=100000 with batch_size=4", "GiB a step", "use a smaller --seq-len"]),
+    (["--repeats", "1000000000"], ["repeats=1,000,000,000 over 1 point(s) of 12 steps plans 12,000,000,000 steps",
+                                   "at most 1,000,000"]),
+    (["--widths", "8,16", "--repeats", "200000", "--model", "cli_factories:tiny_lm"], ["plans 4,800,000 steps"]),
 ])
 def test_what_would_fill_memory_or_be_ignored_is_refused_before_the_first_step(tmp_path, capsys, argv, words):
     out = tmp_path / "out"

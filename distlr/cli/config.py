@@ -13,6 +13,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from distlr.core.options import (DEFAULT_TIMEOUT_S, DIST_BACKENDS, OPTIMIZERS, SNAPSHOT_MODES, TOKEN_DTYPES, DistBackend,
                                  OptimizerName, RangeTestArgs, SnapshotMode, TokenDtype, check_choice, check_device,
                                  check_timeout, closest, is_int, is_real)
-from distlr.core.scaling import check_series_args, check_series_axes
+from distlr.core.series import check_series
 from distlr.output import trackers
 from distlr.output.progress import LOG_EVERY, check_display_args
 
@@ -152,13 +153,10 @@ class RunConfig:
         if self.widths is not None and (":" not in self.model or Path(self.model).exists()):
             raise ValueError(f"widths={self.widths!r} needs --model as a 'package.module:function' factory that takes "
                              f"width=..., got model={self.model!r}")
-        check_series_axes(self.batch_sizes(), self.width_list(), self.num_steps_list(), self.target_width,
-                          num_steps_given=self.range_test.num_steps != RangeTestArgs().num_steps)
+        self.check_series()
         if self.is_series and self.report_to.strip().lower() not in ("", "none"):
             raise ValueError(f"report_to={self.report_to!r} with a series: trackers get single range tests only, not "
                              "series yet; leave report_to out (series.json and series.png hold every run)")
-        check_series_args(self.batch_sizes(), self.repeats, self.target_global_batch_size,
-                          accumulation_given=self.range_test.accumulation_steps != 1)
         check_timeout(self.dist_timeout)
         if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
             raise ValueError(f"weight_decay={self.weight_decay!r} is not allowed; use a number >= 0")
@@ -169,6 +167,21 @@ class RunConfig:
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise ValueError(f"deepspeed={self.deepspeed!r}: no such file (a DeepSpeed config JSON)")
         check_device(self.device)
+
+    def check_series(self, given: Collection[str] | None = None) -> None:
+        """The series' keys (``distlr.core.series.check_series``). ``given``: the keys a config
+        file and the flags set; without it, a value that differs from its default counts as set.
+        A series decides ``num_steps`` (a horizon series) and ``accumulation_steps`` (a batch
+        series) itself, so those are refused when set beside it, even at their default values."""
+        def is_given(key: str) -> bool:
+            if given is not None:
+                return key in given
+            return getattr(self.range_test, key) != getattr(RangeTestArgs(), key)
+
+        check_series(self.batch_sizes(), self.width_list(), self.num_steps_list(), repeats=self.repeats,
+                     target_global_batch_size=self.target_global_batch_size, target_width=self.target_width,
+                     num_steps=self.range_test.num_steps, num_steps_given=is_given("num_steps"),
+                     accumulation_given=is_given("accumulation_steps"))
 
     def batch_sizes(self) -> list[int] | None:
         """``global_batch_sizes`` as ints (a YAML list or a comma-separated string)."""
@@ -209,8 +222,10 @@ class RunConfig:
 
     def to_saved_dict(self) -> dict[str, Any]:
         """What a run saves as its ``config.yaml``: everything but ``overwrite``, so that running
-        the saved config again can never write over that run."""
-        return {k: v for k, v in self.to_dict().items() if k != "overwrite"}
+        the saved config again can never write over that run, and but the keys a series decides
+        itself (``find_args`` leaves them out too), so that the saved config runs again."""
+        decided = set(self.range_test.as_dict()) - set(self.find_args())
+        return {k: v for k, v in self.to_dict().items() if k != "overwrite" and k not in decided}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> RunConfig:
@@ -225,7 +240,9 @@ class RunConfig:
                 raise ValueError(f"unknown key {key!r} in {source}{hint} (valid keys: see `distlr --help`)")
         values = {k: coerce(k, v, types_[k]) for k, v in data.items()}
         range_test = RangeTestArgs(**{k: v for k, v in values.items() if k in RangeTestArgs.names()})
-        return cls(range_test=range_test, **{k: v for k, v in values.items() if k not in RangeTestArgs.names()})
+        config = cls(range_test=range_test, **{k: v for k, v in values.items() if k not in RangeTestArgs.names()})
+        config.check_series(given=data.keys())  # set at its default value is still set
+        return config
 
 
 ALIASES = {"gradient_accumulation_steps": "accumulation_steps", "mixed_precision": "amp",

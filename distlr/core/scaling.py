@@ -1,5 +1,6 @@
 """Pure math for batch-size series: how a learning rate scales with the global batch size, and
 how the global batch is split into micro-batches, ranks and accumulation. numpy only, no I/O.
+(``distlr.core.series`` holds a series' runs and what they say on every axis.)
 
 The fit is ``lr = coefficient * B ** exponent``, least squares on ``log lr`` against ``log B``
 (every repeat one point), so it can be read against the two published scaling rules: linear
@@ -377,6 +378,17 @@ def _f_quantile(level: float, d1: int, d2: int) -> float:
     return high
 
 
+def t_quantile(level: float, dof: int) -> float:
+    """The two-sided Student-t quantile: ``|T|`` with ``dof`` degrees of freedom exceeds it with
+    probability 1 - ``level`` (T squared is F(1, dof)).
+
+    Example:
+        >>> round(t_quantile(0.95, 4), 3), round(t_quantile(0.95, 1), 2)
+        (2.776, 12.71)
+    """
+    return math.sqrt(_f_quantile(level, 1, dof))
+
+
 def _betainc(a: float, b: float, x: float) -> float:
     """The regularized incomplete beta I_x(a, b) by its continued fraction (Lentz's method, as
     Numerical Recipes' ``betai``), on the side of ``x`` where it converges fast."""
@@ -430,32 +442,6 @@ def spread(lrs: Sequence[float | None]) -> Spread:
     return Spread(float(math.exp(np.mean(np.log(found)))), min(found), max(found), len(found), len(lrs))
 
 
-def check_series_args(global_batch_sizes: Sequence[Any] | None, repeats: Any, target_global_batch_size: Any,
-                      *, accumulation_given: bool = False) -> None:
-    """The one check of a series' arguments (``LRFinder.series`` and the command line's).
-
-    Raises:
-        ValueError: naming the argument, its value and what is allowed.
-    """
-    from distlr.core.options import is_int
-
-    if accumulation_given and global_batch_sizes is not None:
-        raise ValueError("accumulation_steps with global_batch_sizes: each size's split into micro-batch x ranks x "
-                         "accumulation decides the accumulation; leave accumulation_steps out")
-    if not is_int(repeats) or repeats < 1:
-        raise ValueError(f"repeats={repeats!r} is not allowed; use an int >= 1")
-    if global_batch_sizes is not None:
-        sizes = list(global_batch_sizes)
-        if not sizes or any(not is_int(b) or b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
-            raise ValueError(f"global_batch_sizes={sizes!r} is not allowed; use distinct ints >= 1 (16,32,64)")
-    if target_global_batch_size is not None and (not is_int(target_global_batch_size) or target_global_batch_size < 1):
-        raise ValueError(f"target_global_batch_size={target_global_batch_size!r} is not allowed; use an int >= 1")
-    if target_global_batch_size is not None and len(set(global_batch_sizes or ())) < 2:
-        raise ValueError(f"target_global_batch_size={target_global_batch_size!r} needs a fit of LR against batch "
-                         "size, so two or more global_batch_sizes (e.g. --global-batch-sizes 16,32,64); "
-                         f"got {'none' if not global_batch_sizes else list(global_batch_sizes)}")
-
-
 def split_global_batch(global_batch_size: int, world_size: int, max_micro_batch: int) -> tuple[int, int]:
     """``(micro_batch, accumulation_steps)`` with micro x ``world_size`` x accumulation =
     ``global_batch_size``: the largest micro-batch up to ``max_micro_batch`` (the fewest
@@ -480,171 +466,3 @@ def split_global_batch(global_batch_size: int, world_size: int, max_micro_batch:
     per_rank = global_batch_size // world_size
     micro = max(d for d in range(1, min(per_rank, max_micro_batch) + 1) if per_rank % d == 0)
     return micro, per_rank // micro
-
-
-@dataclass
-class SeriesRun:
-    """One range test of a series: its global batch, how it was split, its data seed, its result."""
-
-    global_batch_size: int
-    repeat: int
-    seed: int
-    micro_batch_size: int
-    accumulation_steps: int
-    result: Any
-    """The run's ``LRFinderResult``."""
-    width: int | None = None
-    """The model's width, in a width series."""
-
-    def to_dict(self) -> dict[str, Any]:
-        fields = {k: v for k, v in asdict(self).items() if k != "result"}
-        return {**fields, "result": self.result.to_dict()}
-
-
-AXES = ("global_batch_size", "width", "num_steps")
-"""What a series varies from run to run: the global batch, the model's width, the range test's length."""
-TRANSFER_Z = 2.0
-"""A width series' exponent counts as non-zero past 2 standard errors (about 95 % two-sided):
-below it the LR is flat across widths within the spread the runs themselves show."""
-PREDICTION_Z = 2.0
-"""The prediction's band: 2 standard errors of the fit at the target, in log LR."""
-
-
-@dataclass
-class SeriesResult:
-    """Every run of a series, each point's spread over repeats, and the power-law fit of the
-    suggestion against the series' axis (global batch size, width or num_steps)."""
-
-    runs: list[SeriesRun]
-    world_size: int
-    target_global_batch_size: int | None = None
-    planned: int | None = None
-    """How many runs the series was to make (None: as many as it holds)."""
-    axis: str = "global_batch_size"
-    """What varies between runs (``AXES``)."""
-    target: int | None = None
-    """The axis value to predict the LR at (``target_global_batch_size`` for a batch series)."""
-
-    def __post_init__(self) -> None:
-        if self.axis == "global_batch_size" and self.target is None:
-            self.target = self.target_global_batch_size
-
-    @property
-    def complete(self) -> bool:
-        """Whether every planned run finished (False for a series interrupted part way)."""
-        return self.planned is None or len(self.runs) >= self.planned
-
-    def values(self) -> list[int]:
-        """Each run's value on the axis."""
-        if self.axis == "width":
-            return [int(r.width) for r in self.runs]
-        if self.axis == "num_steps":
-            return [int(r.result.num_steps) for r in self.runs]
-        return [r.global_batch_size for r in self.runs]
-
-    def _lrs(self) -> list[float | None]:
-        return [r.result.optimal_lr for r in self.runs]
-
-    @property
-    def fit(self) -> PowerFit | None:
-        return fit_power_law(self.values(), self._lrs())
-
-    def spreads(self) -> dict[int, Spread]:
-        values, lrs = self.values(), self._lrs()
-        return {v: spread([lr for x, lr in zip(values, lrs) if x == v]) for v in sorted(set(values))}
-
-    @property
-    def bend(self) -> SaturatingFit | None:
-        """For a batch series: where the LR stops rising with B (``fit_saturating``); None for
-        other axes and with fewer than two sizes that gave a suggestion."""
-        if self.axis != "global_batch_size":
-            return None
-        return fit_saturating(self.values(), self._lrs())
-
-    def transfer(self) -> dict[str, Any] | None:
-        """For a width series: whether the suggestion is flat across widths (the parametrisation
-        transfers the LR, as muP promises) or moves as ``width^alpha``, judged by the fit's
-        exponent against its standard error (``TRANSFER_Z``). None for other axes."""
-        if self.axis != "width":
-            return None
-        fit = self.fit
-        if fit is None or fit.exponent_stderr is None:
-            return {"verdict": "cannot_tell", "exponent": None if fit is None else fit.exponent,
-                    "exponent_stderr": None, "z": None,
-                    "sentence": "cannot tell: needs suggestions at 3 or more runs over 2 or more widths"}
-        z = fit.exponent / fit.exponent_stderr if fit.exponent_stderr > 0 else math.copysign(math.inf, fit.exponent)
-        moves = abs(z) > TRANSFER_Z
-        exponent = f"alpha = {fit.exponent:.2f} ± {fit.exponent_stderr:.2f}"
-        sentence = (f"the LR moves with width: lr ∝ width^alpha, {exponent} ({abs(z):.1f} standard errors from 0)"
-                    if moves else f"the LR transfers across widths: {exponent} is within {TRANSFER_Z:g} standard "
-                    "errors of 0")
-        return {"verdict": "moves" if moves else "transfers", "exponent": fit.exponent,
-                "exponent_stderr": fit.exponent_stderr, "z": z if math.isfinite(z) else None, "sentence": sentence}
-
-    def prediction(self) -> dict[str, Any] | None:
-        """The fit's LR at ``target``, with a band of ``PREDICTION_Z`` standard errors of the
-        fitted line there (in log LR; None with only two points), marked when the target lies
-        outside the values the fit was made from (those with a suggestion)."""
-        fit = self.fit
-        if self.target is None or fit is None:
-            return None
-        pairs = [(math.log(v), math.log(lr)) for v, lr in zip(self.values(), self._lrs())
-                 if lr is not None and math.isfinite(lr) and lr > 0]
-        target = self.target
-        lr = fit.predict(target)
-        low = high = None
-        if len(pairs) > 2:
-            x = np.array([a for a, _ in pairs])
-            y = np.array([b for _, b in pairs])
-            residual = y - (math.log(fit.coefficient) + fit.exponent * x)
-            sigma = math.sqrt(float(residual @ residual) / (len(x) - 2))
-            sxx = float(((x - x.mean()) ** 2).sum())
-            se = sigma * math.sqrt(1 / len(x) + (math.log(target) - x.mean()) ** 2 / sxx)
-            low, high = lr * math.exp(-PREDICTION_Z * se), lr * math.exp(PREDICTION_Z * se)
-        seen = [math.exp(a) for a, _ in pairs]
-        return {"axis": self.axis, "value": target, self.axis: target, "lr": lr, "lr_low": low, "lr_high": high,
-                "extrapolation": not min(seen) - 1e-9 <= target <= max(seen) + 1e-9}
-
-    def to_dict(self) -> dict[str, Any]:
-        fit = self.fit
-        return {"axis": self.axis, "world_size": self.world_size, "complete": self.complete,
-                "runs_planned": len(self.runs) if self.planned is None else self.planned,
-                "values": sorted(set(self.values())),
-                "runs": [r.to_dict() for r in self.runs],
-                "fit": None if fit is None else fit.to_dict(),
-                "bend": None if self.bend is None else self.bend.to_dict(),
-                "transfer": self.transfer(),
-                "spread": {str(v): s.to_dict() for v, s in self.spreads().items()},
-                "prediction": self.prediction()}
-
-
-def check_series_axes(global_batch_sizes: Sequence[Any] | None, widths: Sequence[Any] | None,
-                      num_steps_series: Sequence[Any] | None, target_width: Any, *, num_steps_given: bool) -> str:
-    """The one axis a series' arguments ask for (``LRFinder.series`` and the command line's);
-    raise ValueError naming what conflicts."""
-    from distlr.core.options import MAX_NUM_STEPS, is_int
-
-    given = [name for name, value in (("global_batch_sizes", global_batch_sizes), ("widths", widths),
-                                      ("num_steps_series", num_steps_series)) if value is not None]
-    if len(given) > 1:
-        raise ValueError(f"{' and '.join(given)}: a series varies one thing at a time; run one series per axis")
-    for name, values, least in (("widths", widths, 1), ("num_steps_series", num_steps_series, 2)):
-        if values is None:
-            continue
-        items = list(values)
-        if len(items) < 2 or any(not is_int(v) or v < least for v in items) or len(set(items)) != len(items):
-            raise ValueError(f"{name}={items!r} is not allowed; use two or more distinct ints >= {least}")
-        if name == "num_steps_series" and max(items) > MAX_NUM_STEPS:
-            raise ValueError(f"num_steps_series: {max(items):,} is more than a range test can take "
-                             f"(at most {MAX_NUM_STEPS:,})")
-    if target_width is not None and (widths is None or not is_int(target_width) or target_width < 1):
-        raise ValueError(f"target_width={target_width!r} needs a width series (widths=..., --widths: two or more, "
-                         "e.g. 256,512,1024) and must be an int >= 1")
-    if num_steps_series is not None and num_steps_given:
-        raise ValueError("num_steps with num_steps_series: each run's length is one of num_steps_series; "
-                         "leave num_steps out")
-    return "width" if widths is not None else "num_steps" if num_steps_series is not None else "global_batch_size"
-
-
-SweepRun, SweepResult = SeriesRun, SeriesResult
-"""Deprecated spellings of ``SeriesRun`` and ``SeriesResult``; they go in the next release."""

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 from distlr.core.result import LRFinderResult
-from distlr.core.scaling import SeriesResult
+from distlr.core.series import SeriesResult
 from distlr.output.files import atomic_path
 
 
@@ -105,8 +105,10 @@ def _limit_y(ax, result: LRFinderResult) -> None:
 
 
 AXES = {"global_batch_size": ("global batch size", "B"), "width": ("width", "width"),
-        "num_steps": ("num_steps (range-test length)", "T")}
+        "num_steps": ("num_steps", "T")}
 """Each series axis as the plot and the table name it, and its symbol in a fit."""
+AXIS_TITLES = {"num_steps": "range-test length, num_steps"}
+"""An axis whose name alone does not say what it is, as the plot's x-axis names it."""
 REFERENCE_SLOPES = {
     "global_batch_size": ((0.5, ":", "square root"), (1.0, "--", "linear")),
     "width": ((0.0, ":", "transfers, as muP"), (-1.0, "--", "1/width, SP's stability limit")),
@@ -129,6 +131,7 @@ def plot_series(series: SeriesResult, output_path: str | Path) -> Path:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
     fig = Figure(figsize=(12, 5), dpi=110)
     FigureCanvasAgg(fig)
@@ -180,10 +183,16 @@ def plot_series(series: SeriesResult, output_path: str | Path) -> Path:
             if prediction.get("lr_low") is not None:
                 scaling.errorbar([x], [lr], yerr=[[lr - prediction["lr_low"]], [prediction["lr_high"] - lr]],
                                  color="C3", capsize=4, zorder=4)
-            scaling.scatter([x], [lr], marker="x", color="C3", zorder=5, label=f"{word}: {lr:.2e} at {symbol}={x}")
+            law = ", the same LR at every width" if prediction["law"] == "flat" else ""
+            scaling.scatter([x], [lr], marker="x", color="C3", zorder=5,
+                            label=f"{word}{law}: {lr:.2e} at {symbol}={x} ({prediction['level']:.0%} interval)")
     scaling.set_xscale("log", base=2)
+    prediction = series.prediction() if fit is not None else None
+    ticks = sorted(set(values) | ({prediction["value"]} if prediction is not None else set()))
+    scaling.set_xticks(ticks, [f"{t:,}" for t in ticks])  # the values run, not powers of 2
+    scaling.xaxis.set_minor_locator(NullLocator())
     scaling.set_yscale("log")
-    scaling.set_xlabel(f"{name} (log scale)")
+    scaling.set_xlabel(f"{AXIS_TITLES.get(series.axis, name)} (log scale)")
     scaling.set_ylabel("suggested learning rate (log scale)")
     transfer = series.transfer()
     scaling.set_title(f"suggestion vs {name}" + ("" if transfer is None else f": {transfer['verdict'].replace('_', ' ')}"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from distlr.core.result import LRFinderResult
-from distlr.core.scaling import SeriesResult
+from distlr.core.series import SeriesResult
 
 
 def summary(result: LRFinderResult, cli: dict[str, Any] | None = None) -> str:
@@ -52,8 +52,10 @@ def series_summary(series: SeriesResult) -> str:
     if prediction is not None:
         where = ("EXTRAPOLATED outside the values run" if prediction["extrapolation"] else "within the values run")
         band = ("" if prediction.get("lr_low") is None
-                else f", {prediction['lr_low']:.3e} to {prediction['lr_high']:.3e} (2 standard errors)")
-        lines.append(f"predicted lr at {label} {prediction['value']}: {prediction['lr']:.3e}{band} ({where})")
+                else f", {prediction['lr_low']:.3e} to {prediction['lr_high']:.3e} ({prediction['level']:.0%})")
+        law = "the same LR at every width" if prediction["law"] == "flat" else "the fit"
+        lines.append(f"predicted lr at {label} {prediction['value']}: {prediction['lr']:.3e}{band}, from {law} "
+                     f"({where})")
     if not series.complete:
         lines.append(f"incomplete: {len(series.runs)} of {series.planned} runs finished")
     return "\n".join(lines)

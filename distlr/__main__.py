@@ -72,6 +72,7 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
     made: Path | None = None  # an output directory this run created, removed again if left empty
     claim: files.Claim | None = None  # rank 0's hold on the output directory, for the whole run
     kept = (0, False)  # a series' runs already on disk, and whether that is all of them
+    out_dir: Path | None = None
     try:
         session = start_session(cfg.device, dist_backend=cfg.dist_backend, dist_timeout=cfg.dist_timeout,
                                 make_group=cfg.deepspeed is not None or cfg.fsdp, keep_group=cfg.deepspeed is not None)
@@ -140,19 +141,19 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
     except D.DistlrError as err:  # a failure distlr explained: a rank lost, fp16 overflowing
         return _fail(err, True, code=1)  # each rank says what it saw
     except RuntimeError as err:
-        if not _out_of_memory(err):
+        if not D.is_out_of_memory(err):
             raise
-        return _fail(f"out of memory on rank {info.rank if info else 0} during the range test "
-                     f"({str(err).splitlines()[0][:200]}); the model, optimizer and RNG state were put back. "
-                     f"Use a smaller --batch-size (now {cfg.batch_size}) or --seq-len (now {cfg.seq_len}); "
-                     "--accumulation-steps keeps the global batch", True, code=1)
+        code = _fail(f"out of memory on rank {info.rank if info else 0} ({str(err).splitlines()[0][:200]}); use a "
+                     f"smaller --batch-size (now {cfg.batch_size}) or --seq-len (now {cfg.seq_len}), and "
+                     "--accumulation-steps to keep the global batch. What a range test had changed was put back",
+                     True, code=1)
+        _say_kept(kept, out_dir, is_main)
+        return code
     except KeyboardInterrupt as err:
         if is_main:
             what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
             print(f"distlr: {what}; the model, optimizer and RNG state were put back", file=sys.stderr)
-            if kept[0] and not kept[1]:
-                print(f"distlr: kept the {kept[0]} finished run(s) of the series in {out_dir / files.SERIES_FILE} "
-                      '("complete": false)', file=sys.stderr)
+        _say_kept(kept, out_dir, is_main)
         return 143 if isinstance(err, Terminated) else 130
     finally:
         if claim is not None:
@@ -168,12 +169,13 @@ def _series_json(series: Any, cli: dict[str, Any]) -> str:
     return json.dumps({**series.to_dict(), "cli": cli}, indent=2, allow_nan=False)
 
 
-def _out_of_memory(err: RuntimeError) -> bool:
-    """A failed allocation: CUDA's own error type, or the CPU allocator's RuntimeError (torch has
-    no type of its own for it: "DefaultCPUAllocator: can't allocate memory")."""
-    import torch
+def _say_kept(kept: tuple[int, bool], out_dir: Path | None, is_main: bool) -> None:
+    """After a series stopped part way: where its finished runs are."""
+    from distlr.output.files import SERIES_FILE
 
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+    if is_main and kept[0] and not kept[1] and out_dir is not None:
+        print(f"distlr: kept the {kept[0]} finished run(s) of the series in {out_dir / SERIES_FILE} "
+              '("complete": false)', file=sys.stderr)
 
 
 def _fail(err: BaseException | str, is_main: bool, *, code: int = 2) -> int:

@@ -57,13 +57,13 @@ def communication(ctx: DistContext, what: str, step: int | None = None) -> Itera
     Wrap only code whose failure is a failure to communicate: distlr's collectives below, and
     the backward pass of a DDP model (DDP all-reduces its gradients there). A model's forward
     is never inside, so an error of the model's own keeps its type and message, whatever the
-    message says. Errors distlr already explained pass through.
+    message says. Errors distlr already explained, and running out of memory, pass through.
     """
     try:
         yield
     except RuntimeError as err:
-        if not ctx.distributed or isinstance(err, DistlrError):
-            raise
+        if not ctx.distributed or isinstance(err, DistlrError) or is_out_of_memory(err):
+            raise  # running out of memory in DDP's backward is this rank's own failure, not the link's
         at = "" if step is None else f" of step {step + 1}"  # counted from 1, as the progress log counts
         raise CollectiveError(
             f"rank {ctx.rank}: the {what}{at} failed; another rank died, hung past the collective timeout "
@@ -79,14 +79,29 @@ already shutting down then, as in a script that ends right after a range test wi
 still alive (Accelerate's, a user's), the process aborts: "terminate called without an active
 exception", exit -6. A 3-line torch script ending in ``dist.all_reduce(torch.ones(1))`` aborted in
 7 of 40 runs, and in 0 of 40 with the handle kept. Held here, the last reference goes on Python's
-own thread: when 16 newer collectives push it out (its worker let go of it long before), or at
-exit. The handles hold no process group, so ``destroy_process_group`` still frees it."""
+own thread: when 16 newer collectives push it out (its worker let go of it long before), at
+exit, or when distlr ends a group it made (``release_finished``). A handle holds its tensors and,
+under gloo, the connections' context, but not the process group object: a group the user ends
+with ``destroy_process_group`` is freed, and its sockets close when the handles go."""
 
 
 def _finish(work: Any) -> None:
     """Wait for an ``async_op=True`` collective and keep its handle (``_FINISHED``)."""
     work.wait()
     _FINISHED.append(work)
+
+
+def release_finished() -> None:
+    """Let go of the kept handles (``_FINISHED``). Only safe once no worker thread can still hold
+    them: after the group they ran on was destroyed, which joins its threads."""
+    _FINISHED.clear()
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: CUDA's own error type, or the CPU allocator's RuntimeError (torch has
+    no type of its own for it: "DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError)
+                                                        and "can't allocate memory" in str(err))
 
 
 def all_reduce_step_stats(ctx: DistContext, stats: torch.Tensor, step: int = 0) -> None:
@@ -134,12 +149,13 @@ def gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
         size = torch.tensor([payload.numel()], dtype=torch.int64, device=ctx.device)
         sizes = [torch.empty_like(size) for _ in range(ctx.world_size)]
         _finish(dist.all_gather(sizes, size, async_op=True))
-        longest = max(int(s.item()) for s in sizes)
+        lengths = torch.cat(sizes).tolist()  # one copy to the host, not one per rank
+        longest = max(lengths)
         padded = torch.zeros(longest, dtype=torch.uint8, device=ctx.device)
         padded[: payload.numel()] = payload
         gathered = [torch.empty_like(padded) for _ in range(ctx.world_size)]
         _finish(dist.all_gather(gathered, padded, async_op=True))
-    return [_unpickled(g[: int(s.item())]) for g, s in zip(gathered, sizes)]
+    return [_unpickled(g[:n]) for g, n in zip(gathered, lengths)]
 
 
 def _pickled(obj: Any, device: torch.device) -> torch.Tensor:

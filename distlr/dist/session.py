@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from distlr.core.options import DEFAULT_TIMEOUT_S, DEVICE_CHOICES, DIST_BACKENDS, check_choice, check_device, check_timeout
 from distlr.dist.launch import LaunchInfo, launch_info
-from distlr.dist.collectives import DistContext
+from distlr.dist.collectives import DistContext, release_finished
 
 if dist.is_available() and not dist.is_initialized():
     # Imported while no process group exists (a script imports distlr before it makes one), and
@@ -64,6 +64,7 @@ class Session:
         if self.owns_group and not self.keep_group and dist.is_initialized():
             gc.collect()  # a wrapper kept alive only by a reference cycle lets go of the group first
             dist.destroy_process_group()
+            release_finished()  # its threads are joined: the kept handles can go now
         self.owns_group = False
 
     def __enter__(self) -> Session:

@@ -407,6 +407,7 @@ class LRFinder:
                                 target_global_batch_size=target_global_batch_size, target_width=target_width,
                                 num_steps=find_kwargs.get("num_steps", DEFAULTS.num_steps),
                                 num_steps_given="num_steps" in find_kwargs,
+                                accumulation_steps=find_kwargs.get("accumulation_steps"),
                                 accumulation_given="accumulation_steps" in find_kwargs)
             if widths is not None and not callable(model_factory):
                 raise ValueError("widths=... needs model_factory: a function called as model_factory(width=w) that "

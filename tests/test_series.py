@@ -192,7 +192,7 @@ def test_impossible_sizes_and_arguments_are_refused_before_any_run_on_every_rank
     errors = ranks[0]
     assert "15 cannot be formed by 2 ranks" in errors["odd"] and "14 or 16" in errors["odd"]
     assert "repeats=0 is not allowed" in errors["repeats"]
-    assert "accumulation_steps with global_batch_sizes" in errors["accumulation"]
+    assert "accumulation_steps=2 with global_batch_sizes" in errors["accumulation"]
     assert "leave accumulation_steps out" in errors["accumulation"]
     assert errors["runs"] == 0
 

@@ -130,7 +130,7 @@ def test_a_width_series_needs_a_factory_and_one_axis_at_a_time():
             finder.series([64, 128], widths=[8, 16], model_factory=standard_mlp)
         with pytest.raises(ValueError, match=r"num_steps_series=\[50\] is not allowed; use two or more"):
             finder.series(num_steps_series=[50])
-        with pytest.raises(ValueError, match="num_steps with num_steps_series"):
+        with pytest.raises(ValueError, match="num_steps=30 with num_steps_series"):
             finder.series(num_steps_series=[20, 40], num_steps=30)
 
 
@@ -175,8 +175,24 @@ def test_the_cli_runs_width_and_horizon_series_and_draws_them(tmp_path, capsys):
     capsys.readouterr()
     # A length or accumulation the series decides is refused when set, even at its default value.
     assert main(["--num-steps-series", "10,20", "--num-steps", "100", *fast]) == 2
-    assert "num_steps with num_steps_series" in capsys.readouterr().err
+    assert "num_steps=100 with num_steps_series" in capsys.readouterr().err
     assert main(["--global-batch-sizes", "8,16", "--accumulation-steps", "1", *fast]) == 2
-    assert "accumulation_steps with global_batch_sizes" in capsys.readouterr().err
+    assert "accumulation_steps=1 with global_batch_sizes" in capsys.readouterr().err
     assert main(["--widths", "16,32", "--output-dir", str(tmp_path / "x")]) == 2
     assert "widths='16,32' needs --model as a 'package.module:function' factory" in capsys.readouterr().err
+
+
+def test_a_config_file_at_the_default_runs_a_series_and_a_flag_or_another_value_is_refused():
+    """config.yaml files saved before the series left num_steps and accumulation_steps out hold
+    them at their defaults: they must run again. A flag, even at the default, is refused (it
+    would be ignored), and so is any other value, from a file or a flag."""
+    from distlr.cli.config import RunConfig
+
+    RunConfig.from_dict({"num_steps_series": "10,20", "num_steps": 100})
+    RunConfig.from_dict({"global_batch_sizes": "8,16", "accumulation_steps": 1})
+    with pytest.raises(ValueError, match=r"num_steps=100 with num_steps_series: .* leave num_steps out"):
+        RunConfig.from_dict({"num_steps_series": "10,20", "num_steps": 100}, flags={"num_steps"})
+    with pytest.raises(ValueError, match=r"num_steps=50 with num_steps_series"):
+        RunConfig.from_dict({"num_steps_series": "10,20", "num_steps": 50})
+    with pytest.raises(ValueError, match=r"accumulation_steps=2 with global_batch_sizes"):
+        RunConfig.from_dict({"global_batch_sizes": "8,16", "accumulation_steps": 2})

@@ -103,7 +103,8 @@ class RunConfig:
     widths: str | None = field(default=None, metadata={"help":
         "Run one range test per model width (comma-separated, e.g. 256,512,1024): --model must be a "
         "'package.module:function' factory, called with width=...; each run trains a fresh model from the same "
-        "seed. Says whether the LR transfers across widths, or fits lr ~ width^alpha."})
+        "seed. Says whether the LR transfers across widths (a verdict needs --repeats 2 or more, which measure"
+        " the seed spread), or fits lr ~ width^alpha."})
     target_width: int | None = field(default=None, metadata={"help":
         "With widths: the width to predict the LR for from the fit, with its uncertainty (marked as "
         "extrapolated outside the widths run)."})
@@ -168,19 +169,19 @@ class RunConfig:
             raise ValueError(f"deepspeed={self.deepspeed!r}: no such file (a DeepSpeed config JSON)")
         check_device(self.device)
 
-    def check_series(self, given: Collection[str] | None = None) -> None:
-        """The series' keys (``distlr.core.series.check_series``). ``given``: the keys a config
-        file and the flags set; without it, a value that differs from its default counts as set.
-        A series decides ``num_steps`` (a horizon series) and ``accumulation_steps`` (a batch
-        series) itself, so those are refused when set beside it, even at their default values."""
+    def check_series(self, flags: Collection[str] = ()) -> None:
+        """The series' keys (``distlr.core.series.check_series``). A series decides ``num_steps``
+        (a horizon series) and ``accumulation_steps`` (a batch series) itself, so either is
+        refused beside it when it differs from its default, or when one of ``flags`` (the keys
+        given on the command line) sets it, even to the default. A config file may hold the
+        default: config.yaml files saved before the series left those keys out did."""
         def is_given(key: str) -> bool:
-            if given is not None:
-                return key in given
-            return getattr(self.range_test, key) != getattr(RangeTestArgs(), key)
+            return key in flags or getattr(self.range_test, key) != getattr(RangeTestArgs(), key)
 
         check_series(self.batch_sizes(), self.width_list(), self.num_steps_list(), repeats=self.repeats,
                      target_global_batch_size=self.target_global_batch_size, target_width=self.target_width,
                      num_steps=self.range_test.num_steps, num_steps_given=is_given("num_steps"),
+                     accumulation_steps=self.range_test.accumulation_steps,
                      accumulation_given=is_given("accumulation_steps"))
 
     def batch_sizes(self) -> list[int] | None:
@@ -228,9 +229,10 @@ class RunConfig:
         return {k: v for k, v in self.to_dict().items() if k != "overwrite" and k not in decided}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> RunConfig:
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config", flags: Collection[str] = ()) -> RunConfig:
         """Build a config from a flat mapping (a YAML file, flags); values may be strings, and
-        keys may use the Hugging Face names in ``ALIASES``."""
+        keys may use the Hugging Face names in ``ALIASES``. ``flags``: the keys of ``data`` given
+        on the command line, in distlr's names (a few checks hold a flag to more than a file's value)."""
         data = canonical_keys(data, source=source)
         types_ = field_types()
         for key in data:
@@ -241,7 +243,7 @@ class RunConfig:
         values = {k: coerce(k, v, types_[k]) for k, v in data.items()}
         range_test = RangeTestArgs(**{k: v for k, v in values.items() if k in RangeTestArgs.names()})
         config = cls(range_test=range_test, **{k: v for k, v in values.items() if k not in RangeTestArgs.names()})
-        config.check_series(given=data.keys())  # set at its default value is still set
+        config.check_series(flags)  # a flag set to its default is still set
         return config
 
 

@@ -116,7 +116,8 @@ def parse_cli_sources(argv: list[str] | None = None) -> tuple[RunConfig, dict[st
     given.update(values)
     launched = from_accelerate_launch(os.environ, given=given.keys())
     merged = {**launched, **given}
-    return RunConfig.from_dict(merged, source=f"--config {config_file}" if config_file else "arguments"), launched
+    return (RunConfig.from_dict(merged, source=f"--config {config_file}" if config_file else "arguments",
+                                flags=values.keys()), launched)
 
 
 def from_accelerate_launch(env: Mapping[str, str], given: Iterable[str] = ()) -> dict[str, object]:

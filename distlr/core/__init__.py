@@ -3,6 +3,7 @@
 The arguments and their checks (``options``), the LR ladder, the smoothing and the stop rule
 (``smoothing``), the curve and its zero-lag trend (``curve``), the suggestion rules (``rules``),
 the one function that builds a result (``analysis``), the schedules (``schedule``), the
-batch-size fit of a series (``scaling``) and the result itself (``result``). numpy only: no
+batch-size fits (``scaling``), a series' runs and what they say (``series``) and the result
+itself (``result``). numpy only: no
 torch, no torch.distributed, no logging, no files (``tests/test_layers.py`` checks it).
 """

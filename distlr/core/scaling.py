@@ -466,3 +466,19 @@ def split_global_batch(global_batch_size: int, world_size: int, max_micro_batch:
     per_rank = global_batch_size // world_size
     micro = max(d for d in range(1, min(per_rank, max_micro_batch) + 1) if per_rank % d == 0)
     return micro, per_rank // micro
+
+
+_MOVED = ("SeriesResult", "SeriesRun", "SweepResult", "SweepRun")
+"""Names that lived here until ``distlr.core.series`` took the series over; they go in the next release."""
+
+
+def __getattr__(name: str):  # noqa: ANN202 - a module's own attribute hook
+    if name in _MOVED:
+        import warnings
+
+        from distlr.core import series
+
+        warnings.warn(f"distlr.core.scaling.{name} is now distlr.core.series.{name}; the old place goes in the next "
+                      "release", DeprecationWarning, stacklevel=2)
+        return getattr(series, name)
+    raise AttributeError(f"module 'distlr.core.scaling' has no attribute {name!r}")

@@ -263,12 +263,14 @@ def predict(values: Sequence[float], lrs: Sequence[float | None], target: float,
 def check_series(global_batch_sizes: Sequence[Any] | None = None, widths: Sequence[Any] | None = None,
                  num_steps_series: Sequence[Any] | None = None, *, repeats: Any = 1,
                  target_global_batch_size: Any = None, target_width: Any = None, num_steps: int,
-                 num_steps_given: bool = False, accumulation_given: bool = False) -> str:
+                 num_steps_given: bool = False, accumulation_steps: Any = None,
+                 accumulation_given: bool = False) -> str:
     """The one check of a series' arguments (``LRFinder.series`` and the command line's); the
     axis they ask for.
 
     Args:
         num_steps: each run's length when ``num_steps_series`` does not set it.
+        accumulation_steps: the accumulation asked for, to name in a refusal.
         num_steps_given, accumulation_given: whether the caller set ``num_steps`` or
             ``accumulation_steps``, which a horizon and a batch series decide themselves.
 
@@ -282,11 +284,11 @@ def check_series(global_batch_sizes: Sequence[Any] | None = None, widths: Sequen
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)}: a series varies one thing at a time; run one series per axis")
     if accumulation_given and global_batch_sizes is not None:
-        raise ValueError("accumulation_steps with global_batch_sizes: each size's split into micro-batch x ranks x "
-                         "accumulation decides the accumulation; leave accumulation_steps out")
+        raise ValueError(f"accumulation_steps={accumulation_steps!r} with global_batch_sizes: each size's split into "
+                         "micro-batch x ranks x accumulation decides the accumulation; leave accumulation_steps out")
     if num_steps_series is not None and num_steps_given:
-        raise ValueError("num_steps with num_steps_series: each run's length is one of num_steps_series; "
-                         "leave num_steps out")
+        raise ValueError(f"num_steps={num_steps!r} with num_steps_series: each run's length is one of "
+                         "num_steps_series; leave num_steps out")
     if not is_int(repeats) or repeats < 1:
         raise ValueError(f"repeats={repeats!r} is not allowed; use an int >= 1")
     if global_batch_sizes is not None:

@@ -185,7 +185,8 @@ def plot_series(series: SeriesResult, output_path: str | Path) -> Path:
                                  color="C3", capsize=4, zorder=4)
             law = ", the same LR at every width" if prediction["law"] == "flat" else ""
             scaling.scatter([x], [lr], marker="x", color="C3", zorder=5,
-                            label=f"{word}{law}: {lr:.2e} at {symbol}={x} ({prediction['level']:.0%} interval)")
+                            label=f"{word}{law}: {lr:.2e} at {symbol}={x}"
+                            + ("" if prediction.get("lr_low") is None else f" ({prediction['level']:.0%} interval)"))
     scaling.set_xscale("log", base=2)
     prediction = series.prediction() if fit is not None else None
     ticks = sorted(set(values) | ({prediction["value"]} if prediction is not None else set()))

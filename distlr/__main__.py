@@ -52,7 +52,7 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
                                   seed_everything, width_factory)
     from distlr.dist import collectives as D
     from distlr.dist.session import Session, start_session
-    from distlr.dist.signals import Terminated
+    from distlr.dist.signals import Terminated, shielded
     from distlr.finder import LRFinder
     from distlr.output import files, trackers
     from distlr.output.plot import plot_series
@@ -104,10 +104,13 @@ def run(cfg: RunConfig, *, launched: dict[str, Any], given: Path | None) -> int:
             if cfg.is_series:
                 def keep(so_far: Any) -> None:  # each finished run reaches the disk: an interrupt loses none
                     nonlocal kept
-                    if is_main:
-                        files.write_atomic(out_dir / files.CONFIG_FILE, saved)
-                        files.write_atomic(out_dir / files.SERIES_FILE, _series_json(so_far, cli))
-                    kept = len(so_far.runs), len(so_far.runs) == so_far.planned
+                    # Shielded: an interrupt between the write and the count would report one run fewer
+                    # than series.json holds (CI's SIGINT, sent the moment the second run was on disk).
+                    with shielded():
+                        if is_main:
+                            files.write_atomic(out_dir / files.CONFIG_FILE, saved)
+                            files.write_atomic(out_dir / files.SERIES_FILE, _series_json(so_far, cli))
+                        kept = len(so_far.runs), len(so_far.runs) == so_far.planned
 
                 series = finder.series(cfg.batch_sizes(), cfg.repeats, **find_args, on_run=keep,
                                        widths=widths, model_factory=None if widths is None else width_factory(cfg),

@@ -48,7 +48,7 @@ def fit_power_law(batch_sizes: Sequence[float], lrs: Sequence[float | None]) -> 
         >>> round(fit.exponent, 6), round(fit.predict(1024), 6)
         (0.5, 0.008)
     """
-    pairs = _usable(batch_sizes, lrs)
+    pairs = usable_pairs(batch_sizes, lrs)
     if len({b for b, _ in pairs}) < 2:
         return None
     x = np.log([b for b, _ in pairs])
@@ -195,7 +195,7 @@ def fit_saturating(batch_sizes: Sequence[float], lrs: Sequence[float | None], *,
     power = fit_power_law(batch_sizes, lrs)
     if power is None:
         return None
-    pairs = _usable(batch_sizes, lrs)
+    pairs = usable_pairs(batch_sizes, lrs)
     x, y = np.log([b for b, _ in pairs]), np.log([lr for _, lr in pairs])
     sizes = np.unique(x)
     params = 2 if slope is not None else 3  # the bent model's: c and the bend, and the slope if fitted
@@ -304,8 +304,9 @@ class _Profile:
         return float(math.sqrt(self.rss[self.best] / self.dof * np.linalg.inv(information)[1, 1]))
 
 
-def _usable(batch_sizes: Sequence[float], lrs: Sequence[float | None]) -> list[tuple[float, float]]:
-    """The ``(batch size, lr)`` pairs a fit can use: an LR that exists, is finite and > 0, at a size > 0."""
+def usable_pairs(batch_sizes: Sequence[float], lrs: Sequence[float | None]) -> list[tuple[float, float]]:
+    """The ``(value, lr)`` pairs a fit can use: an LR that exists, is finite and > 0, at a value > 0
+    (a global batch size, a width, a num_steps)."""
     return [(float(b), float(lr)) for b, lr in zip(batch_sizes, lrs)
             if lr is not None and lr > 0 and math.isfinite(lr) and b > 0]
 

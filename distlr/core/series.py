@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from distlr.core.scaling import PowerFit, SaturatingFit, Spread, fit_power_law, fit_saturating, spread, t_quantile
+from distlr.core.scaling import (PowerFit, SaturatingFit, Spread, fit_power_law, fit_saturating, spread, t_quantile,
+                                 usable_pairs)
 
 AXES = ("global_batch_size", "width", "num_steps")
 """What a series varies from run to run: the global batch, the model's width, the range test's length."""
@@ -123,13 +124,13 @@ class SeriesResult:
         return {"axis": self.axis, "value": self.target, self.axis: self.target, **found}
 
     def to_dict(self) -> dict[str, Any]:
-        fit = self.fit
+        fit, bend = self.fit, self.bend
         return {"axis": self.axis, "world_size": self.world_size, "complete": self.complete,
                 "runs_planned": len(self.runs) if self.planned is None else self.planned,
                 "values": sorted(set(self.values())),
                 "runs": [r.to_dict() for r in self.runs],
                 "fit": None if fit is None else fit.to_dict(),
-                "bend": None if self.bend is None else self.bend.to_dict(),
+                "bend": None if bend is None else bend.to_dict(),
                 "transfer": self.transfer(),
                 "spread": {str(v): s.to_dict() for v, s in self.spreads().items()},
                 "prediction": self.prediction()}
@@ -137,9 +138,8 @@ class SeriesResult:
 
 def _log_points(values: Sequence[float], lrs: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
     """``(ln value, ln lr)`` of every run with a suggestion."""
-    pairs = [(math.log(v), math.log(lr)) for v, lr in zip(values, lrs)
-             if lr is not None and math.isfinite(lr) and lr > 0 and v > 0]
-    return np.array([a for a, _ in pairs], dtype=float), np.array([b for _, b in pairs], dtype=float)
+    pairs = usable_pairs(values, lrs)
+    return np.log([v for v, _ in pairs]).astype(float), np.log([lr for _, lr in pairs]).astype(float)
 
 
 def seed_spread(values: Sequence[float], lrs: Sequence[float | None]) -> tuple[float, int] | None:
@@ -238,11 +238,12 @@ def predict(values: Sequence[float], lrs: Sequence[float | None], target: float,
         >>> round(p["lr"], 5), p["extrapolation"], p["lr_low"] < p["lr"] < p["lr_high"]
         (0.00262, True, True)
     """
-    x, y = _log_points(values, lrs)
-    if len(np.unique(x)) < 2:
+    fit = fit_power_law(values, lrs)
+    if fit is None:
         return None
+    x, y = _log_points(values, lrs)
     at = math.log(target)
-    slope, intercept = np.polyfit(x, y, 1)
+    slope, intercept = fit.exponent, math.log(fit.coefficient)
     centre, low, high = float(intercept + slope * at), None, None
     if len(x) > 2:
         sigma = math.sqrt(float(((y - intercept - slope * x) ** 2).sum()) / (len(x) - 2))

@@ -162,9 +162,9 @@ def plot_series(series: SeriesResult, output_path: str | Path) -> Path:
     for v, lr in points:
         scaling.scatter([v], [lr], color=colours[v], zorder=3)
     fit = series.fit
+    prediction = series.prediction() if fit is not None else None
     if fit is not None:
         xs = [min(values), max(values)]
-        prediction = series.prediction()
         if prediction is not None:
             xs = [min(xs[0], prediction["value"]), max(xs[1], prediction["value"])]
         err = "" if fit.exponent_stderr is None else f" ± {fit.exponent_stderr:.2f}"
@@ -188,7 +188,6 @@ def plot_series(series: SeriesResult, output_path: str | Path) -> Path:
                             label=f"{word}{law}: {lr:.2e} at {symbol}={x}"
                             + ("" if prediction.get("lr_low") is None else f" ({prediction['level']:.0%} interval)"))
     scaling.set_xscale("log", base=2)
-    prediction = series.prediction() if fit is not None else None
     ticks = sorted(set(values) | ({prediction["value"]} if prediction is not None else set()))
     scaling.set_xticks(ticks, [f"{t:,}" for t in ticks])  # the values run, not powers of 2
     scaling.xaxis.set_minor_locator(NullLocator())
